@@ -1,0 +1,113 @@
+"""Argument and input checks shared by every layer.
+
+Every message names the layer, what was expected and what was received, so that a user reading a
+traceback from deep inside a model knows which layer refused what. Checks run before any buffer
+changes. They look only at shapes and dtypes (static under ``torch.compile``); checks of index
+*values* live in :func:`check_index` and stay off the compiled graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_float_input(layer: str, x: Tensor) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{layer}: expected a torch.Tensor input, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{layer}: expected a floating-point input, got dtype {x.dtype}")
+
+
+def check_input(layer: str, x: Tensor, ranks: tuple[int, ...], num_features: int) -> None:
+    """Refuse a non-float input, a rank outside ``ranks`` or a wrong channel count (dim 1)."""
+    check_float_input(layer, x)
+    if x.dim() not in ranks:
+        want = " or ".join(f"{r}D" for r in ranks)
+        raise ValueError(
+            f"{layer}: expected {want} input (N, C, ...), got {x.dim()}D input of shape "
+            f"{tuple(x.shape)}"
+        )
+    if x.shape[1] != num_features:
+        raise ValueError(
+            f"{layer}: expected {num_features} channels (dim 1), got {x.shape[1]} in input of "
+            f"shape {tuple(x.shape)}"
+        )
+
+
+def check_batch_values(layer: str, x: Tensor) -> None:
+    """Refuse a training batch with a single value per channel, as ``nn.BatchNorm`` does."""
+    size = x.shape[0]
+    for s in x.shape[2:]:
+        size *= s
+    if size == 1:
+        raise ValueError(
+            f"{layer}: expected more than 1 value per channel when training, got input of shape "
+            f"{tuple(x.shape)}; use a larger batch, eval mode, or a micro-batch-safe layer "
+            "(GroupNorm, BatchChannelNorm with estimate=True)"
+        )
+
+
+def check_momentum(layer: str, momentum: float | None) -> None:
+    if momentum is None:
+        return
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"{layer}: expected momentum to be a float or None, got {momentum!r}")
+    if not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"{layer}: expected momentum in [0, 1] or None, got {momentum}")
+
+
+def check_positive(layer: str, name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{layer}: expected {name} to be a number, got {value!r}")
+    if not value > 0:
+        raise ValueError(f"{layer}: expected {name} > 0, got {value}")
+
+
+def check_count(layer: str, name: str, value: int, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{layer}: expected {name} to be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{layer}: expected {name} >= {minimum}, got {value}")
+
+
+def check_index(layer: str, index: int | Tensor, num_domains: int, batch: int) -> None:
+    """Check a domain index: a Python int, or an integer tensor of shape ``(batch,)``.
+
+    Values are checked in eager mode only. For an index on the CPU this costs nothing; for one
+    on an accelerator the check is an asynchronous device-side assert, so forward never waits
+    on the device. Under ``torch.compile`` only dtype and shape are checked.
+    """
+    if isinstance(index, bool):
+        raise TypeError(f"{layer}: expected a domain index as int or LongTensor, got bool")
+    if isinstance(index, int):
+        if not 0 <= index < num_domains:
+            raise ValueError(f"{layer}: expected a domain index in [0, {num_domains}), got {index}")
+        return
+    if not isinstance(index, Tensor):
+        raise TypeError(
+            f"{layer}: expected a domain index as int or integer tensor of shape (N,), got "
+            f"{type(index).__name__}"
+        )
+    if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+        raise TypeError(
+            f"{layer}: expected an integer domain index tensor (torch.long), got dtype "
+            f"{index.dtype}"
+        )
+    if index.dim() != 1 or index.shape[0] != batch:
+        raise ValueError(
+            f"{layer}: expected a domain index of shape ({batch},), one per sample, got shape "
+            f"{tuple(index.shape)}"
+        )
+    if torch.compiler.is_compiling() or index.numel() == 0:
+        return
+    if index.device.type == "cpu":
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= num_domains:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{layer}: expected domain indices in [0, {num_domains}), got {bad}")
+    else:
+        torch._assert_async(
+            ((index >= 0) & (index < num_domains)).all(),
+            f"{layer}: domain index out of range [0, {num_domains})",
+        )

@@ -1,0 +1,262 @@
+"""Batch-Channel Normalization (Qiao et al. 2019, arXiv 1903.10520).
+
+BCN is a batch part (per-channel normalization and affine, as a batch norm) followed by a
+channel part (per-sample, per-group standardization, as a group norm, and an affine). normkit
+computes both in closed form from one reduction: per-(sample, channel) moments give the batch
+statistics (a Chan merge over the samples) and the group statistics of the batch part's output
+(which is an affine map of the input per channel), then one per-(sample, channel) scale and shift
+produces the output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from normkit import functional as F
+from normkit._checks import (
+    check_batch_values,
+    check_count,
+    check_input,
+    check_momentum,
+    check_positive,
+)
+from normkit._stats import ema_factor, unbiased_factor, update_running_
+
+__all__ = ["BatchChannelNorm1d", "BatchChannelNorm2d", "BatchChannelNorm3d"]
+
+_GROUP_AFFINES = ("per_group", "per_channel")
+
+
+class _BatchChannelNorm(_BatchNorm):
+    _ranks: tuple[int, ...] = (4,)
+    num_groups: int
+    estimate: bool
+    estimate_rate: float
+    group_affine: str
+    group_weight: nn.Parameter | None
+    group_bias: nn.Parameter | None
+
+    def __init__(
+        self,
+        num_features: int,
+        num_groups: int = 32,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        estimate: bool = False,
+        estimate_rate: float = 0.01,
+        group_affine: str = "per_group",
+    ) -> None:
+        name = type(self).__name__
+        check_count(name, "num_features", num_features)
+        check_count(name, "num_groups", num_groups)
+        if num_features % num_groups != 0:
+            raise ValueError(
+                f"{name}: expected num_groups to divide num_features={num_features}, got "
+                f"num_groups={num_groups}"
+            )
+        check_positive(name, "eps", eps)
+        check_momentum(name, momentum)
+        if isinstance(estimate_rate, bool) or not isinstance(estimate_rate, (int, float)):
+            raise TypeError(f"{name}: expected estimate_rate to be a float, got {estimate_rate!r}")
+        if not 0.0 < float(estimate_rate) <= 1.0:
+            raise ValueError(
+                f"{name}: expected estimate_rate in (0, 1], got {estimate_rate} (a rate of 0 "
+                "freezes the estimates, the official code's silent default)"
+            )
+        if group_affine not in _GROUP_AFFINES:
+            raise ValueError(
+                f"{name}: expected group_affine in {_GROUP_AFFINES}, got {group_affine!r}"
+            )
+        if estimate and not track_running_stats:
+            raise ValueError(
+                f"{name}: expected track_running_stats=True with estimate=True (the estimates "
+                "live in the running buffers), got track_running_stats=False"
+            )
+        self.num_groups = num_groups
+        self.estimate = estimate
+        self.estimate_rate = float(estimate_rate)
+        self.group_affine = group_affine
+        factory = {"device": device, "dtype": dtype}
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, **factory)
+        if affine:
+            size = num_groups if group_affine == "per_group" else num_features
+            self.group_weight = nn.Parameter(torch.empty(size, **factory))
+            self.group_bias = nn.Parameter(torch.empty(size, **factory))
+        else:
+            self.register_parameter("group_weight", None)
+            self.register_parameter("group_bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Both affines to (1, 0); running statistics (the estimates) to (0, 1)."""
+        super().reset_parameters()
+        # _BatchNorm.__init__ calls this before the channel-part affine exists.
+        group_weight = getattr(self, "group_weight", None)
+        group_bias = getattr(self, "group_bias", None)
+        if group_weight is not None and group_bias is not None:
+            nn.init.ones_(group_weight)
+            nn.init.zeros_(group_bias)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        check_input(type(self).__name__, input, self._ranks, self.num_features)
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}, "
+            f"momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, group_affine={self.group_affine!r}"
+        )
+        if self.estimate:
+            s += f", estimate=True, estimate_rate={self.estimate_rate}"
+        return s
+
+    def forward(self, input: Tensor) -> Tensor:
+        name = type(self).__name__
+        check_input(name, input, self._ranks, self.num_features)
+        if self.training and not self.estimate:
+            check_batch_values(name, input)
+        m, q = F.sample_moments(input)
+        mean, var = self._batch_statistics(input, m, q)
+
+        # Batch part as a per-channel affine x1 = a x + b.
+        a = torch.rsqrt(var + self.eps)
+        b = -mean * a
+        if self.affine:
+            a = a * self.weight
+            b = b * self.weight + self.bias
+
+        # Channel part: per-(sample, group) moments of x1 in closed form, then fold everything.
+        gmean, gvar = F.group_moments(m, q, a, b, self.num_groups)
+        n, c = m.shape
+        per_group = c // self.num_groups
+        ginv = torch.rsqrt(gvar + self.eps)
+        ginv_c = ginv.unsqueeze(2).expand(n, self.num_groups, per_group).reshape(n, c)
+        gmean_c = gmean.unsqueeze(2).expand(n, self.num_groups, per_group).reshape(n, c)
+        scale = a * ginv_c
+        shift = (b - gmean_c) * ginv_c
+        if self.group_weight is not None and self.group_bias is not None:
+            gw, gb = self.group_weight, self.group_bias
+            if self.group_affine == "per_group":
+                gw = gw.repeat_interleave(per_group)
+                gb = gb.repeat_interleave(per_group)
+            scale = scale * gw
+            shift = shift * gw + gb
+        return F.apply_scale_shift(input, scale, shift)
+
+    def _batch_statistics(self, x: Tensor, m: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-channel mean and variance that the batch part normalizes with."""
+        if self.estimate:
+            assert self.running_mean is not None and self.running_var is not None
+            if self.training and x.numel() > 0:
+                self._update_estimates(m, q)
+            # Copies (C values each): the next training forward updates the buffers in place,
+            # which must not invalidate this forward's graph (micro-batch gradient accumulation
+            # runs several forwards before one backward).
+            return self.running_mean.clone(), self.running_var.clone()
+        if not self.training and self.running_mean is not None:
+            assert self.running_var is not None
+            return self.running_mean.clone(), self.running_var.clone()
+        mean, var = F.merge_sample_moments(m, q)
+        count = x.numel() // x.shape[1]
+        if self.training and self.running_mean is not None and count > 0:
+            assert self.running_var is not None and self.num_batches_tracked is not None
+            self.num_batches_tracked.add_(1)
+            factor = ema_factor(self.momentum, self.num_batches_tracked, self.running_mean.dtype)
+            update_running_(
+                self.running_mean, self.running_var, mean, var * unbiased_factor(count), factor
+            )
+        return mean, var
+
+    @torch.no_grad()
+    def _update_estimates(self, m: Tensor, q: Tensor) -> None:
+        # The variance is centred on the previous mean estimate, not on the batch mean, as in
+        # the authors' estimated-statistics BN; it is stored biased.
+        assert self.running_mean is not None and self.running_var is not None
+        assert self.num_batches_tracked is not None
+        old_mean = self.running_mean.to(m.dtype)
+        batch_mean = m.mean(dim=0)
+        batch_var = (q + (m - old_mean).square()).mean(dim=0)
+        update_running_(
+            self.running_mean, self.running_var, batch_mean, batch_var, self.estimate_rate
+        )
+        self.num_batches_tracked.add_(1)
+
+
+_BCN_DOC = r"""Batch-Channel Normalization (BCN; Qiao et al. 2019, "Micro-Batch Training with
+    Batch-Channel Normalization and Weight Standardization", arXiv 1903.10520).
+
+    .. math::
+        x_1 = γ_b ⊙ (x − μ) / \sqrt{σ^2 + ε} + β_b \quad\text{(batch part, per channel)}
+
+        y = γ_g ⊙ (x_1 − μ_{n,g}(x_1)) / \sqrt{σ^2_{n,g}(x_1) + ε} + β_g
+        \quad\text{(channel part, per sample and group)}
+
+    The batch part keeps ``nn.BatchNorm``'s names (``weight``, ``bias``, ``running_mean``,
+    ``running_var``, ``num_batches_tracked``) so a BN checkpoint loads into it. The channel part's
+    affine is ``group_weight``, ``group_bias``: one value per group, shape ``(G,)``, as the
+    official code (``group_affine="per_group"``, default), or one per channel, shape ``(C,)``,
+    as a standard group norm (``group_affine="per_channel"``). Group variances are biased.
+
+    **Large-batch mode** (``estimate=False``): the batch part is a batch norm: biased batch
+    statistics in training, running statistics in eval, updated as
+    ``running = (1 − momentum) · running + momentum · stat`` with the variance stored unbiased
+    (``momentum=None``: cumulative average).
+
+    **Micro-batch mode** (``estimate=True``): the batch part normalizes with *estimated*
+    statistics in training and in eval. In training, before normalizing, the estimates are
+    updated without gradient at rate ``r = estimate_rate``:
+
+    .. math::
+        m = \mathrm{mean}_{N,*}(x),\quad v = \mathrm{mean}_{N,*}((x − \hat μ_{old})^2),\quad
+        \hat μ ← (1 − r)\hat μ + r m,\quad \hat σ^2 ← (1 − r)\hat σ^2 + r v
+
+    The variance is centred on the previous mean estimate and stored biased; the estimates live in
+    ``running_mean``/``running_var`` (starting at 0 and 1); ``momentum`` is not used. No gradient
+    flows through the estimates, and the layer accepts a batch of one. The official code's rate
+    is a buffer initialised to 0 that no script sets, which freezes the estimates; normkit
+    refuses a rate outside (0, 1].
+
+    Args:
+        num_features: C.
+        num_groups: G, dividing C (32 in all official code).
+        eps: added to both variances (1e-5, as the official code).
+        momentum, affine, track_running_stats, device, dtype: as ``nn.BatchNorm2d``; ``affine``
+            covers both parts' affines.
+        estimate: micro-batch mode with estimated statistics.
+        estimate_rate: r in (0, 1].
+        group_affine: ``"per_group"`` or ``"per_channel"``.
+
+    Shapes:
+        - input: ``(N, C)`` or ``(N, C, L)`` (1d), ``(N, C, H, W)`` (2d), ``(N, C, D, H, W)`` (3d).
+        - output: same shape, dtype and memory format.
+
+    Example::
+
+        >>> norm = normkit.BatchChannelNorm2d(64, num_groups=32, estimate=True)
+        >>> norm(torch.randn(1, 64, 16, 16)).shape  # a micro-batch of one
+        torch.Size([1, 64, 16, 16])
+"""
+
+
+class BatchChannelNorm1d(_BatchChannelNorm):
+    __doc__ = _BCN_DOC
+    _ranks = (2, 3)
+
+
+class BatchChannelNorm2d(_BatchChannelNorm):
+    __doc__ = _BCN_DOC
+    _ranks = (4,)
+
+
+class BatchChannelNorm3d(_BatchChannelNorm):
+    __doc__ = _BCN_DOC
+    _ranks = (5,)

@@ -1,0 +1,246 @@
+"""Revisiting Batch Normalization (Davis & Frank 2021, arXiv 2110.13989).
+
+Three pieces: a small initial BN scale for every batch norm (:func:`init_bn_scale_`), a reduced
+learning rate for the BN scales (:func:`bn_param_groups`), and online BN-based normalization of
+raw inputs (:class:`InputNorm2d`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+from normkit._checks import check_positive
+
+__all__ = [
+    "RELU_STD",
+    "InputNorm1d",
+    "InputNorm2d",
+    "bn_param_groups",
+    "init_bn_scale_",
+]
+
+RELU_STD = 0.58
+"""The input-BN gain factor of the official code: the std of ReLU(z) for z ~ N(0, 1),
+``sqrt(1/2 − 1/(2π)) ≈ 0.5838``, rounded as the authors do."""
+
+
+class _InputNorm:
+    """Mixin: BN on raw inputs, scale initialised to ``scale · RELU_STD``, shift frozen at 0."""
+
+    scale: float
+    weight: nn.Parameter
+    bias: nn.Parameter
+
+    def _init_input_norm(self, scale: float) -> None:
+        self.scale = float(scale)
+        self.bias.requires_grad_(False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()  # type: ignore[misc]
+        if hasattr(self, "scale"):
+            with torch.no_grad():
+                self.weight.fill_(self.scale * RELU_STD)
+                self.bias.zero_()
+
+
+_INPUT_NORM_DOC = r"""Online BN-based input normalization (Davis & Frank 2021).
+
+    A batch norm placed on the raw inputs (no dataset mean and std), whose running statistics act
+    as online dataset statistics at test time:
+
+    .. math::
+        y = γ ⊙ (x − μ) / \sqrt{σ^2 + ε}, \qquad γ_0 = \mathrm{scale} · 0.58, \qquad β ≡ 0
+
+    0.58 is the std of ReLU of a standard normal, so the first layer sees inputs on the scale that
+    later layers see after BN and ReLU. The shift ``bias`` is frozen at 0 (``requires_grad`` is
+    False, so :func:`bn_param_groups` puts it in no group); the scale ``weight`` is learnable and
+    goes in the reduced-lr BN-scale group. The layer is an ``nn.BatchNorm`` subclass with its names,
+    training behaviour and running-statistics rule (momentum 0.1, unbiased running variance).
+    :func:`init_bn_scale_` leaves it alone: its scale is set here.
+
+    Args:
+        num_features: number of input channels.
+        scale: c_γ > 0, the global BN scale (0.1 in the paper's runs).
+        eps, momentum, track_running_stats, device, dtype: as ``nn.BatchNorm2d``.
+
+    Example::
+
+        >>> net = nn.Sequential(normkit.InputNorm2d(3, scale=0.1), nn.Conv2d(3, 16, 3))
+"""
+
+
+class InputNorm1d(_InputNorm, nn.BatchNorm1d):
+    __doc__ = _INPUT_NORM_DOC
+
+    def __init__(
+        self,
+        num_features: int,
+        scale: float = 0.1,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        check_positive(type(self).__name__, "scale", scale)
+        super().__init__(num_features, eps, momentum, True, track_running_stats, device, dtype)
+        self._init_input_norm(scale)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scale={self.scale}"
+
+
+class InputNorm2d(_InputNorm, nn.BatchNorm2d):
+    __doc__ = _INPUT_NORM_DOC
+
+    def __init__(
+        self,
+        num_features: int,
+        scale: float = 0.1,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        check_positive(type(self).__name__, "scale", scale)
+        super().__init__(num_features, eps, momentum, True, track_running_stats, device, dtype)
+        self._init_input_norm(scale)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scale={self.scale}"
+
+
+def init_bn_scale_(model: nn.Module, value: float = 0.1) -> int:
+    """Set the scale ``weight`` of every batch norm in ``model`` to ``value`` (Davis & Frank).
+
+    Every ``_BatchNorm`` with an affine is covered: torch's BN and SyncBN, and normkit's
+    BN-derived layers (for Sandwich BN the shared scale, for BCN the batch part's). Per-domain
+    scales, group-norm scales and :class:`InputNorm2d` (whose scale rule is its own) are left
+    alone. The official code silently falls back to 1.0 for ``value <= 0``; normkit refuses it.
+
+    Returns:
+        The number of layers changed.
+    """
+    check_positive("init_bn_scale_", "value", value)
+    changed = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, _InputNorm) or not isinstance(module, _BatchNorm):
+                continue
+            if module.weight is None:
+                continue
+            module.weight.fill_(value)
+            changed += 1
+    return changed
+
+
+# Norm layers other than batch norms: their affines take no weight decay, at the full lr.
+_OTHER_NORMS: tuple[type[nn.Module], ...] = (
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LocalResponseNorm,
+    nn.RMSNorm,
+)
+
+
+def _is_no_decay_module(module: nn.Module) -> bool:
+    from normkit.fixup import Bias, Scale
+    from normkit.layers.sandwich import SandwichAdaIN
+
+    return isinstance(module, (*_OTHER_NORMS, SandwichAdaIN, Bias, Scale))
+
+
+def _bn_scales(module: _BatchNorm) -> Iterator[nn.Parameter]:
+    for attr in ("weight", "domain_weight"):
+        p = getattr(module, attr, None)
+        if isinstance(p, nn.Parameter):
+            yield p
+
+
+def bn_param_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    scale_lr_divisor: float = 100.0,
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups of Davis & Frank, chosen by module type, never by name.
+
+    ===============  ==================================================  ============  ==========
+    group ``name``   members                                             weight decay  lr
+    ===============  ==================================================  ============  ==========
+    ``"decay"``      weights of convolutions and linear layers (WS        weight_decay  lr
+                     convs included), and parameters of any other
+                     module type (embeddings, custom modules)
+    ``"no_decay"``   all biases of convolutions and linear layers; BN     0             lr
+                     shifts (``bias``, ``domain_bias``) and other
+                     batch-norm parameters (BCN's channel-part affine);
+                     every parameter of GroupNorm, LayerNorm,
+                     InstanceNorm, RMSNorm, SandwichAdaIN and Fixup
+                     ``Bias``/``Scale``
+    ``"bn_scale"``   BN scales: ``weight`` of every ``_BatchNorm``        0             lr /
+                     (InputNorm's included) and Sandwich/CCBN/AuxBN                     divisor
+                     ``domain_weight``
+    ===============  ==================================================  ============  ==========
+
+    The official code picks the scale group as "squeezes to 1-D and named *weight*", which also
+    catches LayerNorm/GroupNorm weights, depthwise kernels and 1-in/1-out linear layers; here
+    only batch-norm scales are in it. Frozen parameters (InputNorm's shift) are in no group; a
+    shared parameter appears once; empty groups are left out. Keep the same no-decay treatment
+    in the baseline arm (``scale_lr_divisor=1``) so that only the BN scale's lr differs.
+
+    Example::
+
+        >>> groups = normkit.bn_param_groups(model, lr=0.1, weight_decay=1e-4)
+        >>> opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+    """
+    check_positive("bn_param_groups", "scale_lr_divisor", scale_lr_divisor)
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    scales: list[nn.Parameter] = []
+    seen: set[int] = set()
+
+    def put(group: list[nn.Parameter], p: nn.Parameter) -> None:
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            group.append(p)
+
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if not own:
+            continue
+        if isinstance(module, _BatchNorm):
+            for p in _bn_scales(module):
+                put(scales, p)
+            for p in own:
+                put(no_decay, p)
+        elif isinstance(module, (_ConvNd, nn.Linear)):
+            weight = module.weight
+            for p in own:
+                put(decay if p is weight else no_decay, p)
+        elif _is_no_decay_module(module):
+            for p in own:
+                put(no_decay, p)
+        else:
+            for p in own:
+                put(decay, p)
+
+    groups = [
+        {"name": "decay", "params": decay, "lr": lr, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0},
+        {
+            "name": "bn_scale",
+            "params": scales,
+            "lr": lr / scale_lr_divisor,
+            "weight_decay": 0.0,
+        },
+    ]
+    return [g for g in groups if g["params"]]
