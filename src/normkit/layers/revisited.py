@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from normkit._checks import check_positive
+from normkit._checks import check_batch_values, check_input, check_positive
 
 __all__ = [
     "RELU_STD",
@@ -36,6 +36,20 @@ class _InputNorm:
     scale: float
     weight: nn.Parameter
     bias: nn.Parameter
+    num_features: int
+    training: bool
+    _ranks: tuple[int, ...]
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        check_input(type(self).__name__, input, self._ranks, self.num_features)
+
+    def forward(self, input: Tensor) -> Tensor:
+        # Checks with normkit's messages (naming the layer) before BN's own.
+        check_input(type(self).__name__, input, self._ranks, self.num_features)
+        if self.training:
+            check_batch_values(type(self).__name__, input)
+        out: Tensor = super().forward(input)  # type: ignore[misc]
+        return out
 
     def _init_input_norm(self, scale: float) -> None:
         self.scale = float(scale)
@@ -78,6 +92,7 @@ _INPUT_NORM_DOC = r"""Online BN-based input normalization (Davis & Frank 2021).
 
 class InputNorm1d(_InputNorm, nn.BatchNorm1d):
     __doc__ = _INPUT_NORM_DOC
+    _ranks = (2, 3)
 
     def __init__(
         self,
@@ -99,6 +114,7 @@ class InputNorm1d(_InputNorm, nn.BatchNorm1d):
 
 class InputNorm2d(_InputNorm, nn.BatchNorm2d):
     __doc__ = _INPUT_NORM_DOC
+    _ranks = (4,)
 
     def __init__(
         self,

@@ -1,0 +1,172 @@
+"""Revisiting BN: the small scale init, the parameter groups chosen by module type, InputNorm."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import normkit as nk
+
+F64 = torch.float64
+
+
+def test_relu_std_constant_is_the_rounded_std_of_relu_of_a_standard_normal() -> None:
+    exact = math.sqrt(0.5 - 1 / (2 * math.pi))
+    assert abs(nk.RELU_STD - exact) < 5e-3
+    torch.manual_seed(0)
+    sample = torch.relu(torch.randn(1_000_000, dtype=F64)).std().item()
+    assert abs(sample - exact) < 2e-3
+
+
+@pytest.mark.parametrize("cls", [nk.InputNorm1d, nk.InputNorm2d])
+def test_input_norm_init_and_frozen_shift(cls: type[nn.Module]) -> None:
+    layer = cls(3, scale=0.1)
+    assert isinstance(layer, nn.modules.batchnorm._BatchNorm)
+    assert torch.allclose(layer.weight, torch.full((3,), 0.1 * 0.58))
+    assert torch.equal(layer.bias, torch.zeros(3))
+    assert layer.weight.requires_grad and not layer.bias.requires_grad
+    layer.reset_parameters()
+    assert torch.allclose(layer.weight, torch.full((3,), 0.058))
+
+
+def test_input_norm_with_scale_one_over_relu_std_equals_batchnorm() -> None:
+    # InputNorm is BN with a particular init: same keys and the same outputs and statistics.
+    layer = nk.InputNorm2d(3, scale=1 / nk.RELU_STD, dtype=F64)
+    bn = nn.BatchNorm2d(3, dtype=F64)
+    assert layer.state_dict().keys() == bn.state_dict().keys()
+    x = torch.rand(8, 3, 5, 5, dtype=F64)
+    torch.testing.assert_close(layer(x), bn(x))
+    torch.testing.assert_close(layer.running_mean, bn.running_mean)
+    layer.eval()
+    bn.eval()
+    torch.testing.assert_close(layer(x), bn(x))
+    result = nk.InputNorm2d(3).load_state_dict(bn.state_dict())
+    assert result.missing_keys == [] and result.unexpected_keys == []
+
+
+def test_input_norm_running_stats_become_dataset_statistics() -> None:
+    torch.manual_seed(0)
+    data = torch.rand(4000, 3, 4, 4) * torch.tensor([1.0, 2.0, 3.0]).reshape(1, 3, 1, 1) + 0.5
+    layer = nk.InputNorm2d(3, momentum=None)
+    for batch in data.split(100):
+        layer(batch)
+    torch.testing.assert_close(layer.running_mean, data.mean(dim=(0, 2, 3)), rtol=0, atol=1e-4)
+    torch.testing.assert_close(layer.running_var, data.var(dim=(0, 2, 3)), rtol=0, atol=1e-2)
+
+
+def test_input_norm_refuses_non_positive_scale() -> None:
+    with pytest.raises(ValueError, match=r"InputNorm2d: expected scale > 0, got 0"):
+        nk.InputNorm2d(3, scale=0)
+
+
+def _net() -> nn.Sequential:
+    return nn.Sequential(
+        nk.InputNorm2d(3),
+        nn.Conv2d(3, 8, 3, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, groups=8),  # depthwise: its weight squeezes to 1-D in no case
+        nk.SandwichBatchNorm2d(8, 2),
+        nn.Conv2d(8, 16, 1),
+        nk.BatchChannelNorm2d(16, 4),
+        nn.GroupNorm(4, 16),
+        nn.Flatten(),
+        nn.LayerNorm(16 * 2 * 2),
+        nn.Linear(64, 1),  # one output: the official name rule would call it a BN scale
+        nn.Linear(1, 3),
+    )
+
+
+def test_init_bn_scale_sets_every_bn_scale_but_input_norm() -> None:
+    net = _net()
+    changed = nk.init_bn_scale_(net, 0.1)
+    assert changed == 3  # BatchNorm2d, SaBN's shared scale, BCN's batch part
+    assert torch.allclose(net[0].weight, torch.full((3,), 0.058))
+    assert torch.equal(net[2].weight, torch.full((8,), 0.1))
+    assert torch.equal(net[5].weight, torch.full((8,), 0.1))
+    assert torch.equal(net[7].weight, torch.full((16,), 0.1))
+    assert torch.equal(net[7].group_weight, torch.ones(4))
+    assert torch.equal(net[8].weight, torch.ones(16))
+    assert not torch.equal(net[5].domain_weight, torch.full((2, 8), 0.1))
+    with pytest.raises(ValueError, match=r"init_bn_scale_: expected value > 0, got -1"):
+        nk.init_bn_scale_(net, -1)
+
+
+def test_bn_param_groups_put_exactly_the_intended_parameters_in_each_group() -> None:
+    net = _net()
+    groups = nk.bn_param_groups(net, lr=0.1, weight_decay=1e-4, scale_lr_divisor=100)
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"decay", "no_decay", "bn_scale"}
+    ids = {name: {id(p) for p in g["params"]} for name, g in by_name.items()}
+
+    def idset(*ps: torch.Tensor) -> set[int]:
+        return {id(p) for p in ps}
+
+    assert ids["bn_scale"] == idset(
+        net[0].weight, net[2].weight, net[5].weight, net[5].domain_weight, net[7].weight
+    )
+    assert ids["decay"] == idset(
+        net[1].weight, net[4].weight, net[6].weight, net[11].weight, net[12].weight
+    )
+    assert ids["no_decay"] == idset(
+        net[2].bias,
+        net[4].bias,
+        net[5].bias,
+        net[5].domain_bias,
+        net[6].bias,
+        net[7].bias,
+        net[7].group_weight,
+        net[7].group_bias,
+        net[8].weight,
+        net[8].bias,
+        net[10].weight,
+        net[10].bias,
+        net[11].bias,
+        net[12].bias,
+    )
+    # Every trainable parameter exactly once; InputNorm's frozen shift in none.
+    all_ids = [id(p) for g in groups for p in g["params"]]
+    assert len(all_ids) == len(set(all_ids))
+    assert set(all_ids) == {id(p) for p in net.parameters() if p.requires_grad}
+    assert id(net[0].bias) not in set(all_ids)
+    assert by_name["bn_scale"]["lr"] == pytest.approx(1e-3)
+    assert by_name["bn_scale"]["weight_decay"] == 0.0
+    assert by_name["no_decay"]["weight_decay"] == 0.0
+    assert by_name["decay"]["weight_decay"] == 1e-4
+    assert by_name["decay"]["lr"] == by_name["no_decay"]["lr"] == 0.1
+    torch.optim.SGD(groups, lr=0.1, momentum=0.9)  # accepted as given
+
+
+def test_bn_param_groups_ignore_parameter_names_and_count_shared_modules_once() -> None:
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn_weight = nn.Parameter(torch.ones(4))  # a name the official rule would catch
+
+    shared = nn.BatchNorm2d(4)
+    net = nn.Sequential(shared, Odd(), shared)
+    groups = {g["name"]: g for g in nk.bn_param_groups(net, 0.1, 1e-4)}
+    assert [id(p) for p in groups["bn_scale"]["params"]] == [id(shared.weight)]
+    assert [id(p) for p in groups["decay"]["params"]] == [id(net[1].bn_weight)]
+
+
+def test_bn_param_groups_omit_empty_groups_and_refuse_bad_divisor() -> None:
+    groups = nk.bn_param_groups(nn.Linear(3, 3, bias=False), 0.1, 0.0)
+    assert [g["name"] for g in groups] == ["decay"]
+    with pytest.raises(ValueError, match="scale_lr_divisor > 0"):
+        nk.bn_param_groups(nn.Linear(3, 3), 0.1, 0.0, scale_lr_divisor=0)
+
+
+def test_bn_output_bound_sqrt_m_minus_one() -> None:
+    # A value standardized within m samples satisfies |x̂| <= sqrt(m - 1) (Davis & Frank's
+    # motivation); the bound is reached by one outlier.
+    m = 16
+    x = torch.zeros(m, 1, dtype=F64)
+    x[0] = 1000.0
+    layer = nk.SandwichBatchNorm1d(1, 1, domain_std=0.0, eps=1e-12, dtype=F64)
+    out = layer(x, 0)
+    assert out.abs().max().item() <= math.sqrt(m - 1) + 1e-9
+    assert out.abs().max().item() == pytest.approx(math.sqrt(m - 1), rel=1e-9)
