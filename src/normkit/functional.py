@@ -162,7 +162,11 @@ def weight_standardize(
 
     * ``eps_mode="sqrt"``: ``σ = sqrt(var + eps)`` (the paper's form; normkit's default);
     * ``eps_mode="std"``: ``σ = sqrt(var) + eps`` (the authors' PyTorch code);
-    * ``eps_mode="max"``: ``σ = sqrt(max(var, eps))`` (the NF-Nets form).
+    * ``eps_mode="max"``: ``σ = sqrt(max(var, eps))`` (NF-Nets-like: DeepMind's code thresholds
+      ``var · fan_in`` at eps instead).
+
+    With ``unbiased=True`` a fan-in of 1 has no variance estimate and gives NaN; the layers refuse
+    it at construction.
 
     Statistics are computed in float32 for half-precision weights; the result has the weight's
     dtype.

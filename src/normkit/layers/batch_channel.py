@@ -144,7 +144,8 @@ class _BatchChannelNorm(_BatchNorm):
         scale = a * ginv_c
         shift = (b - gmean_c) * ginv_c
         if self.group_weight is not None and self.group_bias is not None:
-            gw, gb = self.group_weight, self.group_bias
+            gw: Tensor = self.group_weight
+            gb: Tensor = self.group_bias
             if self.group_affine == "per_group":
                 gw = gw.repeat_interleave(per_group)
                 gb = gb.repeat_interleave(per_group)

@@ -294,15 +294,15 @@ class _ConditionalBatchNorm(_BatchNorm):
 
 
 class _Dim1:
-    _ranks = (2, 3)
+    _ranks: tuple[int, ...] = (2, 3)
 
 
 class _Dim2:
-    _ranks = (4,)
+    _ranks: tuple[int, ...] = (4,)
 
 
 class _Dim3:
-    _ranks = (5,)
+    _ranks: tuple[int, ...] = (5,)
 
 
 _STATS_DOC = r"""

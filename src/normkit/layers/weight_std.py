@@ -1,0 +1,885 @@
+r"""Weight Standardization: convolutions and linear layers whose filters are standardized.
+
+Weight Standardization (WS; Qiao, Wang, Liu, Shen & Yuille, arXiv 1903.10520, "Micro-Batch
+Training with Batch-Channel Normalization and Weight Standardization") reparametrizes a layer's
+weight. For a weight :math:`W` of shape ``(O, I/groups, *kernel)`` (or ``(O, I)`` for a linear
+layer), each output filter :math:`W_o` is standardized over its fan-in
+:math:`n = \text{numel}(W_o)` at every forward:
+
+.. math::
+
+    \mu_o = \frac{1}{n} \sum_j W_{o,j}, \qquad
+    \hat W_o = \frac{W_o - \mu_o}{\sigma_o}, \qquad
+    y = \operatorname{conv}(x, \hat W) + b,
+
+with gradients flowing through :math:`\mu_o` and :math:`\sigma_o`. There is no learnable gain;
+the bias, when present, is kept. A normalization layer (GroupNorm, BatchNorm, BCN) should follow.
+
+The sources disagree on :math:`\sigma_o`, so normkit names the two conventions as presets:
+
+* ``preset="paper"`` (the default): biased variance, eps inside the root,
+  :math:`\sigma_o = \sqrt{\tfrac{1}{n}\sum_j (W_{o,j}-\mu_o)^2 + \epsilon}`,
+  :math:`\epsilon = 10^{-5}`.
+  Every filter then has mean 0 and variance exactly :math:`v_o / (v_o + \epsilon)`.
+* ``preset="official"``: the authors' PyTorch code, unbiased standard deviation with eps added
+  outside the root, :math:`\sigma_o = \sqrt{\tfrac{1}{n-1}\sum_j (W_{o,j}-\mu_o)^2} + \epsilon`,
+  :math:`\epsilon = 10^{-5}`. Its gradient is NaN for a constant filter (zero variance), which the
+  authors acknowledged (joe-siyuan-qiao/WeightStandardization #1, #16); prefer ``"paper"`` unless
+  you load the authors' checkpoints.
+
+``eps``, ``unbiased`` and ``eps_mode`` (``"sqrt"``: inside the root; ``"std"``: added to the
+standard deviation; ``"max"``: :math:`\sqrt{\max(v, \epsilon)}`) override the preset's values.
+Checkpoints are **not numerically interchangeable across presets**: the same raw ``weight`` gives
+a (slightly, for fan-in of 100 or more; much, for tiny filters) different standardized weight, so
+load a checkpoint with the preset it was trained with.
+
+Statistics are computed in float32 for float16 and bfloat16 weights (the standardized weight is
+cast back to the weight's dtype); float64 weights keep float64 (see
+:func:`normkit.functional.weight_standardize`, which every layer here calls).
+
+**Eval-mode cache.** Standardizing costs one pass over the weight per forward. In eval mode a
+layer keeps the standardized weight and reuses it while it is valid. The cache is used only when
+all of these hold, otherwise the weight is standardized afresh:
+
+* the layer is in eval mode (training never reads or writes the cache, and ``train()`` drops it);
+* no autograd graph is needed through the weight: grad mode is off (``torch.no_grad()``,
+  ``torch.inference_mode()``) or the weight (and ScaledWS's ``gain``) does not require grad.
+  The cached tensor carries no graph, so with a trainable weight under grad mode the layer
+  recomputes and gradients reach the weight exactly as in training;
+* the code is not being traced by ``torch.compile`` nor run under a ``torch.func`` transform, and
+  the weight is a plain tensor (not a tensor subclass such as DTensor).
+
+The cache is invalidated when the weight changes: its identity, its version counter (bumped by
+every in-place update: ``optimizer.step()``, ``load_state_dict``, ``torch.nn.init``, in-place ops
+under ``torch.no_grad()``), its storage pointer, dtype, device or shape, or the layer's ``eps``,
+``unbiased``, ``eps_mode`` (and ScaledWS's ``gamma``) change. In-place edits made through
+``weight.data`` bypass the version counter; call :meth:`clear_cache` after them. The cache holds
+one extra copy of the weight per layer; :meth:`bake` gives a plain layer with no such copy.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Collection
+from typing import Any, Literal, NamedTuple, TypeVar
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.nn.common_types import _size_1_t, _size_2_t, _size_3_t
+from torch.nn.modules.conv import _ConvNd
+
+from normkit import functional as nkf
+from normkit._checks import check_positive
+
+__all__ = [
+    "WS_PRESETS",
+    "ScaledWSConv2d",
+    "WSConv1d",
+    "WSConv2d",
+    "WSConv3d",
+    "WSLinear",
+    "weight_standardize_",
+]
+
+_EPS_MODES = ("sqrt", "std", "max")
+_PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
+
+
+class WSPreset(NamedTuple):
+    """One named WS convention: variance estimator, eps and where eps goes."""
+
+    unbiased: bool
+    eps: float
+    eps_mode: str
+
+
+#: The named conventions. ``"paper"``: biased variance, ``sqrt(var + 1e-5)``. ``"official"``:
+#: the authors' PyTorch code, ``std_unbiased + 1e-5``.
+WS_PRESETS: dict[str, WSPreset] = {
+    "paper": WSPreset(unbiased=False, eps=1e-5, eps_mode="sqrt"),
+    "official": WSPreset(unbiased=True, eps=1e-5, eps_mode="std"),
+}
+
+
+def _resolve_preset(
+    layer: str, preset: str, eps: float | None, unbiased: bool | None, eps_mode: str | None
+) -> WSPreset:
+    if not isinstance(preset, str) or preset not in WS_PRESETS:
+        known = ", ".join(repr(k) for k in WS_PRESETS)
+        raise ValueError(f"{layer}: expected preset to be one of {known}, got {preset!r}")
+    base = WS_PRESETS[preset]
+    if eps is None:
+        eps = base.eps
+    check_positive(layer, "eps", eps)
+    if unbiased is None:
+        unbiased = base.unbiased
+    if not isinstance(unbiased, bool):
+        raise TypeError(f"{layer}: expected unbiased to be a bool or None, got {unbiased!r}")
+    if eps_mode is None:
+        eps_mode = base.eps_mode
+    if eps_mode not in _EPS_MODES:
+        known = ", ".join(repr(k) for k in _EPS_MODES)
+        raise ValueError(f"{layer}: expected eps_mode to be one of {known}, got {eps_mode!r}")
+    return WSPreset(unbiased=unbiased, eps=float(eps), eps_mode=eps_mode)
+
+
+def _check_fan_in(layer: str, weight: Tensor, unbiased: bool) -> None:
+    fan_in = weight[0].numel() if weight.shape[0] > 0 else 0
+    if unbiased and fan_in < 2:
+        raise ValueError(
+            f"{layer}: expected a fan-in of at least 2 for the unbiased variance, got a fan-in "
+            f"of {fan_in} (weight shape {tuple(weight.shape)}); use unbiased=False"
+        )
+
+
+class _CacheEntry(NamedTuple):
+    key: tuple[object, ...]
+    # Weak references: they do not keep a replaced weight alive, and a new weight that reuses
+    # its storage (same pointer, version and shape) is still told apart by identity.
+    refs: tuple[weakref.ref[Tensor], ...]
+    value: Tensor
+
+
+_PLAIN_TENSOR_TYPES = (Tensor, nn.Parameter)
+_M = TypeVar("_M", bound="_StandardizedWeight")
+
+
+class _StandardizedWeight(nn.Module):
+    """The machinery shared by every layer here: the eval cache, bake and the load hook.
+
+    A subclass defines :meth:`_compute_weight` (the live computation) and, when the result
+    depends on more than ``weight``, extends :meth:`_cache_sources` and :meth:`_cache_config`.
+    """
+
+    weight: Tensor
+    _ws_cache: _CacheEntry | None
+
+    def _compute_weight(self) -> Tensor:
+        raise NotImplementedError
+
+    def _cache_sources(self) -> tuple[Tensor, ...]:
+        return (self.weight,)
+
+    def _cache_config(self) -> tuple[object, ...]:
+        raise NotImplementedError
+
+    def _may_use_cache(self, sources: tuple[Tensor, ...]) -> bool:
+        # Checked in this order so that a compiled forward stops at a constant and never traces
+        # the weakref and version-counter bookkeeping below.
+        if self.training or torch.compiler.is_compiling():
+            return False
+        if torch._C._are_functorch_transforms_active():
+            return False
+        grad_mode = torch.is_grad_enabled()
+        for t in sources:
+            if type(t) not in _PLAIN_TENSOR_TYPES:
+                return False
+            if grad_mode and t.requires_grad:
+                return False
+        return True
+
+    def standardized_weight(self) -> Tensor:
+        """The weight as the forward uses it (from the eval cache when it is valid).
+
+        Under the cache rule (module docstring) the returned tensor may be the cached one:
+        treat it as read-only.
+        """
+        sources = self._cache_sources()
+        if not self._may_use_cache(sources):
+            return self._compute_weight()
+        key = (
+            self._cache_config(),
+            *((t._version, t.data_ptr(), t.dtype, t.device, t.shape) for t in sources),
+        )
+        entry = self.__dict__.get("_ws_cache")
+        if (
+            entry is not None
+            and entry.key == key
+            and all(r() is t for r, t in zip(entry.refs, sources))
+        ):
+            return entry.value
+        # Computed outside inference mode so that the cached tensor stays usable later with grad
+        # mode on (an inference tensor cannot be saved for backward, e.g. for an input gradient).
+        with torch.inference_mode(False), torch.no_grad():
+            value = self._compute_weight()
+        self._ws_cache = _CacheEntry(key, tuple(weakref.ref(t) for t in sources), value)
+        return value
+
+    def clear_cache(self) -> None:
+        """Drop the eval-mode cache (needed only after in-place edits through ``weight.data``)."""
+        self._ws_cache = None
+
+    def train(self: _M, mode: bool = True) -> _M:
+        if mode:
+            self._ws_cache = None
+        return super().train(mode)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The cache holds weakrefs, which cannot be pickled; it is rebuilt on the next eval call.
+        state: dict[str, Any] = super().__getstate__()
+        state["_ws_cache"] = None
+        return state
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # A WS layer made with torch.nn.utils.parametrize saves its raw weight under this key;
+        # accepting it lets such checkpoints load (with the preset they were trained with).
+        legacy = prefix + "parametrizations.weight.original"
+        if prefix + "weight" not in state_dict and legacy in state_dict:
+            state_dict[prefix + "weight"] = state_dict.pop(legacy)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _plain_twin(self) -> nn.Module:
+        raise NotImplementedError
+
+    def bake(self) -> nn.Module:
+        """A plain torch layer holding the standardized weight, for export and inference.
+
+        The result is an ``nn.Conv1d``/``nn.Conv2d``/``nn.Conv3d``/``nn.Linear`` with the same
+        configuration, device, dtype and training flag, whose ``weight`` is a new Parameter
+        holding :meth:`standardized_weight` (computed afresh, without graph) and whose ``bias``
+        is a copy of this layer's bias. It equals this layer in eval mode; training it trains
+        the baked weight directly, without standardization.
+        """
+        with torch.no_grad():
+            weight = self._compute_weight().detach().clone()
+        # Built on the meta device, so no memory is spent on an initialization thrown away.
+        plain = self._plain_twin()
+        plain.weight = nn.Parameter(weight, requires_grad=self.weight.requires_grad)
+        bias = self._parameters.get("bias")
+        if bias is not None:
+            plain.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        plain.train(self.training)
+        return plain
+
+
+class _WSLayer(_StandardizedWeight):
+    """WS with a preset and no gain (the paper's layer)."""
+
+    preset: str
+    eps: float
+    unbiased: bool
+    eps_mode: str
+
+    def _init_ws(self, config: WSPreset, preset: str) -> None:
+        _check_fan_in(type(self).__name__, self.weight, config.unbiased)
+        self.preset = preset
+        self.eps = config.eps
+        self.unbiased = config.unbiased
+        self.eps_mode = config.eps_mode
+        self._ws_cache = None
+
+    def _compute_weight(self) -> Tensor:
+        return nkf.weight_standardize(
+            self.weight, self.eps, unbiased=self.unbiased, eps_mode=self.eps_mode
+        )
+
+    def _cache_config(self) -> tuple[object, ...]:
+        return (self.eps, self.unbiased, self.eps_mode)
+
+    def _ws_repr(self) -> str:
+        return (
+            f"preset={self.preset!r}, eps={self.eps}, unbiased={self.unbiased}, "
+            f"eps_mode={self.eps_mode!r}"
+        )
+
+
+def _conv_twin(conv: _ConvNd, cls: Callable[..., _ConvNd]) -> _ConvNd:
+    return cls(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        device="meta",
+        dtype=conv.weight.dtype,
+    )
+
+
+class WSConv1d(_WSLayer, nn.Conv1d):
+    r"""``nn.Conv1d`` with Weight Standardization (Qiao et al., arXiv 1903.10520).
+
+    Each output filter ``weight[o]`` (shape ``(in_channels / groups, kernel_size)``) is
+    standardized over its fan-in at every forward,
+    ``Ŵ_o = (W_o − mean(W_o)) / σ(W_o)``, and ``y = conv1d(x, Ŵ) + bias`` (with the layer's
+    stride, padding, padding mode, dilation and groups). ``σ`` follows ``preset``: ``"paper"``
+    ``σ = sqrt(var_biased + eps)``, ``"official"`` ``σ = std_unbiased + eps``; eps = 1e-5.
+
+    Positional arguments are those of :class:`torch.nn.Conv1d`; the ``weight`` and ``bias``
+    keys are unchanged, so ``nn.Conv1d`` checkpoints load with ``strict=True`` (but are not
+    numerically interchangeable across presets). In eval mode the standardized weight is cached
+    (module docstring); :meth:`bake` returns a plain ``nn.Conv1d``.
+
+    Keyword-only args:
+        preset: ``"paper"`` (biased variance, ``sqrt(var + 1e-5)``; default) or ``"official"``
+            (the authors' PyTorch code: unbiased std ``+ 1e-5``). See the module docstring.
+        eps: overrides the preset's eps (> 0).
+        unbiased: overrides the preset's variance estimator (``True``: divide by ``n - 1``).
+        eps_mode: overrides where eps goes: ``"sqrt"``, ``"std"`` or ``"max"``.
+
+    Shape:
+        as :class:`torch.nn.Conv1d`: ``(N, C_in, L)`` to ``(N, C_out, L_out)`` (or unbatched).
+
+    Example::
+
+        >>> conv = WSConv1d(16, 32, 3, padding=1)
+        >>> conv(torch.randn(8, 16, 50)).shape
+        torch.Size([8, 32, 50])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _size_1_t,
+        stride: _size_1_t = 1,
+        padding: str | _size_1_t = 0,
+        dilation: _size_1_t = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: _PaddingMode = "zeros",
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        preset: str = "paper",
+        eps: float | None = None,
+        unbiased: bool | None = None,
+        eps_mode: str | None = None,
+    ) -> None:
+        config = _resolve_preset(type(self).__name__, preset, eps, unbiased, eps_mode)
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device,
+            dtype,
+        )
+        self._init_ws(config, preset)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._conv_forward(input, self.standardized_weight(), self.bias)
+
+    def _plain_twin(self) -> nn.Module:
+        return _conv_twin(self, nn.Conv1d)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._ws_repr()}"
+
+
+class WSConv2d(_WSLayer, nn.Conv2d):
+    r"""``nn.Conv2d`` with Weight Standardization (Qiao et al., arXiv 1903.10520).
+
+    Each output filter ``weight[o]`` (shape ``(in_channels / groups, kH, kW)``) is standardized
+    over its fan-in ``n = in_channels / groups · kH · kW`` at every forward:
+
+    .. math::
+
+        \hat W_o = \frac{W_o - \mu_o}{\sigma_o}, \qquad y = \operatorname{conv2d}(x, \hat W) + b
+
+    with ``"paper"`` :math:`\sigma_o = \sqrt{v_o + \epsilon}` (:math:`v_o` the biased variance,
+    divide by :math:`n`) or ``"official"`` :math:`\sigma_o = \sqrt{v^u_o} + \epsilon`
+    (:math:`v^u_o` the unbiased variance, divide by :math:`n - 1`); :math:`\epsilon = 10^{-5}`.
+    Gradients flow through :math:`\mu_o` and :math:`\sigma_o`; there is no learnable gain and the
+    bias is kept. Stride, padding, ``padding_mode``, dilation and groups behave as in
+    ``nn.Conv2d``.
+
+    Positional arguments are those of :class:`torch.nn.Conv2d`; the ``weight`` and ``bias``
+    keys are unchanged, so ``nn.Conv2d`` checkpoints load with ``strict=True`` (but are not
+    numerically interchangeable across presets). In eval mode the standardized weight is cached
+    (module docstring); :meth:`bake` returns a plain ``nn.Conv2d``.
+
+    Keyword-only args:
+        preset: ``"paper"`` (biased variance, ``sqrt(var + 1e-5)``; default) or ``"official"``
+            (the authors' PyTorch code: unbiased std ``+ 1e-5``). See the module docstring.
+        eps: overrides the preset's eps (> 0).
+        unbiased: overrides the preset's variance estimator (``True``: divide by ``n - 1``).
+        eps_mode: overrides where eps goes: ``"sqrt"``, ``"std"`` or ``"max"``.
+
+    Shape:
+        as :class:`torch.nn.Conv2d`: ``(N, C_in, H, W)`` to ``(N, C_out, H_out, W_out)`` (or
+        unbatched).
+
+    Example::
+
+        >>> conv = WSConv2d(16, 32, 3, padding=1, bias=False)
+        >>> y = conv(torch.randn(8, 16, 28, 28))  # (8, 32, 28, 28)
+        >>> w = conv.standardized_weight()
+        >>> w.mean(dim=(1, 2, 3)).abs().max() < 1e-6
+        tensor(True)
+        >>> plain = conv.eval().bake()  # nn.Conv2d, for export
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _size_2_t,
+        stride: _size_2_t = 1,
+        padding: str | _size_2_t = 0,
+        dilation: _size_2_t = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: _PaddingMode = "zeros",
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        preset: str = "paper",
+        eps: float | None = None,
+        unbiased: bool | None = None,
+        eps_mode: str | None = None,
+    ) -> None:
+        config = _resolve_preset(type(self).__name__, preset, eps, unbiased, eps_mode)
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device,
+            dtype,
+        )
+        self._init_ws(config, preset)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._conv_forward(input, self.standardized_weight(), self.bias)
+
+    def _plain_twin(self) -> nn.Module:
+        return _conv_twin(self, nn.Conv2d)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._ws_repr()}"
+
+
+class WSConv3d(_WSLayer, nn.Conv3d):
+    r"""``nn.Conv3d`` with Weight Standardization (Qiao et al., arXiv 1903.10520).
+
+    Each output filter ``weight[o]`` (shape ``(in_channels / groups, kD, kH, kW)``) is
+    standardized over its fan-in at every forward, ``Ŵ_o = (W_o − mean(W_o)) / σ(W_o)``, and
+    ``y = conv3d(x, Ŵ) + bias``. ``σ`` follows ``preset``: ``"paper"``
+    ``σ = sqrt(var_biased + eps)``, ``"official"`` ``σ = std_unbiased + eps``; eps = 1e-5.
+
+    Positional arguments are those of :class:`torch.nn.Conv3d`; the ``weight`` and ``bias``
+    keys are unchanged, so ``nn.Conv3d`` checkpoints load with ``strict=True`` (but are not
+    numerically interchangeable across presets). In eval mode the standardized weight is cached
+    (module docstring); :meth:`bake` returns a plain ``nn.Conv3d``.
+
+    Keyword-only args:
+        preset: ``"paper"`` (biased variance, ``sqrt(var + 1e-5)``; default) or ``"official"``
+            (the authors' PyTorch code: unbiased std ``+ 1e-5``). See the module docstring.
+        eps: overrides the preset's eps (> 0).
+        unbiased: overrides the preset's variance estimator (``True``: divide by ``n - 1``).
+        eps_mode: overrides where eps goes: ``"sqrt"``, ``"std"`` or ``"max"``.
+
+    Shape:
+        as :class:`torch.nn.Conv3d`: ``(N, C_in, D, H, W)`` to ``(N, C_out, D_out, H_out, W_out)``
+        (or unbatched).
+
+    Example::
+
+        >>> conv = WSConv3d(4, 8, 3, padding=1, preset="official")
+        >>> conv(torch.randn(2, 4, 6, 6, 6)).shape
+        torch.Size([2, 8, 6, 6, 6])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _size_3_t,
+        stride: _size_3_t = 1,
+        padding: str | _size_3_t = 0,
+        dilation: _size_3_t = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: _PaddingMode = "zeros",
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        preset: str = "paper",
+        eps: float | None = None,
+        unbiased: bool | None = None,
+        eps_mode: str | None = None,
+    ) -> None:
+        config = _resolve_preset(type(self).__name__, preset, eps, unbiased, eps_mode)
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device,
+            dtype,
+        )
+        self._init_ws(config, preset)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._conv_forward(input, self.standardized_weight(), self.bias)
+
+    def _plain_twin(self) -> nn.Module:
+        return _conv_twin(self, nn.Conv3d)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._ws_repr()}"
+
+
+class WSLinear(_WSLayer, nn.Linear):
+    r"""``nn.Linear`` with Weight Standardization.
+
+    The paper defines WS for convolutions only; this is its natural linear form: each output row
+    ``weight[o]`` (shape ``(in_features,)``) is standardized over ``in_features`` at every
+    forward, ``Ŵ_o = (W_o − mean(W_o)) / σ(W_o)``, and ``y = x Ŵᵀ + bias``, with ``σ`` as for
+    :class:`WSConv2d` (``"paper"``: ``sqrt(var_biased + eps)``; ``"official"``:
+    ``std_unbiased + eps``; eps = 1e-5).
+
+    Positional arguments are those of :class:`torch.nn.Linear`; ``weight`` and ``bias`` keys are
+    unchanged. In eval mode the standardized weight is cached (module docstring); :meth:`bake`
+    returns a plain ``nn.Linear``.
+
+    Keyword-only args:
+        preset: ``"paper"`` (biased variance, ``sqrt(var + 1e-5)``; default) or ``"official"``
+            (the authors' PyTorch code: unbiased std ``+ 1e-5``). See the module docstring.
+        eps: overrides the preset's eps (> 0).
+        unbiased: overrides the preset's variance estimator (``True``: divide by ``n - 1``).
+        eps_mode: overrides where eps goes: ``"sqrt"``, ``"std"`` or ``"max"``.
+
+    Shape:
+        as :class:`torch.nn.Linear`: ``(*, in_features)`` to ``(*, out_features)``.
+
+    Example::
+
+        >>> fc = WSLinear(128, 10)
+        >>> fc(torch.randn(4, 128)).shape
+        torch.Size([4, 10])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        preset: str = "paper",
+        eps: float | None = None,
+        unbiased: bool | None = None,
+        eps_mode: str | None = None,
+    ) -> None:
+        config = _resolve_preset(type(self).__name__, preset, eps, unbiased, eps_mode)
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self._init_ws(config, preset)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.linear(input, self.standardized_weight(), self.bias)
+
+    def _plain_twin(self) -> nn.Module:
+        return nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device="meta",
+            dtype=self.weight.dtype,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._ws_repr()}"
+
+
+class ScaledWSConv2d(_StandardizedWeight, nn.Conv2d):
+    r"""``nn.Conv2d`` with Scaled Weight Standardization, from the Normalizer-Free networks.
+
+    Scaled WS comes from Brock, De & Smith, "Characterizing signal propagation to close the
+    performance gap in unnormalized ResNets" (ICLR 2021), and Brock, De, Smith & Simonyan,
+    "High-Performance Large-Scale Image Recognition Without Normalization" (ICML 2021), **not**
+    from the Weight Standardization paper. With fan-in :math:`n = C_{in}/\text{groups} \cdot kH
+    \cdot kW`, a learnable per-filter gain :math:`g_o` and a fixed activation gain
+    :math:`\gamma`:
+
+    .. math::
+
+        W'_o = \gamma \, g_o \, \frac{W_o - \mu_o}{\sqrt{n}\,\sqrt{v_o + \epsilon}}, \qquad
+        y = \operatorname{conv2d}(x, W') + b,
+
+    with :math:`v_o` the biased variance of the filter (divide by :math:`n`) and eps inside the
+    root. :math:`\gamma` preserves the signal's variance through the following nonlinearity
+    (for ReLU, 1.7139588594436646 as tabulated by NF-Nets); with :math:`\gamma = g = 1` this is
+    WS divided by :math:`\sqrt{n}`. The NF-Nets JAX code uses
+    ``rsqrt(max(v·n, 1e-4))`` instead of ``sqrt(v + eps)``; the two agree unless a filter is
+    nearly constant.
+
+    Args:
+        Positional arguments as :class:`torch.nn.Conv2d`.
+
+    Keyword-only args:
+        gamma: activation gain :math:`\gamma` (a constant, not learned). Default 1.0.
+        eps: added to the biased variance inside the root (> 0). Default 1e-5.
+
+    Parameters:
+        ``weight`` and ``bias`` as ``nn.Conv2d``; ``gain`` of shape ``(out_channels, 1, 1, 1)``,
+        initialized to 1 (timm ``ScaledStdConv2d`` uses the same keys).
+
+    In eval mode the scaled standardized weight is cached like the other WS layers (the cache
+    also watches ``gain`` and ``gamma``); :meth:`bake` returns a plain ``nn.Conv2d``.
+
+    Example::
+
+        >>> conv = ScaledWSConv2d(16, 32, 3, padding=1, gamma=1.7139588594436646)
+        >>> conv(torch.randn(8, 16, 28, 28)).shape
+        torch.Size([8, 32, 28, 28])
+    """
+
+    gain: nn.Parameter
+    gamma: float
+    eps: float
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _size_2_t,
+        stride: _size_2_t = 1,
+        padding: str | _size_2_t = 0,
+        dilation: _size_2_t = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: _PaddingMode = "zeros",
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        gamma: float = 1.0,
+        eps: float = 1e-5,
+    ) -> None:
+        layer = type(self).__name__
+        check_positive(layer, "eps", eps)
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+            raise TypeError(f"{layer}: expected gamma to be a number, got {gamma!r}")
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device,
+            dtype,
+        )
+        self.gamma = float(gamma)
+        self.eps = float(eps)
+        self.gain = nn.Parameter(torch.ones(out_channels, 1, 1, 1, device=device, dtype=dtype))
+        self._ws_cache = None
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        # nn.Conv2d.__init__ calls this before ``gain`` exists.
+        gain = self._parameters.get("gain")
+        if gain is not None:
+            nn.init.ones_(gain)
+
+    def _compute_weight(self) -> Tensor:
+        fan_in = self.weight[0].numel()
+        w_hat = nkf.weight_standardize(self.weight, self.eps, unbiased=False, eps_mode="sqrt")
+        return w_hat * (self.gain * (self.gamma / math.sqrt(fan_in))).to(w_hat.dtype)
+
+    def _cache_sources(self) -> tuple[Tensor, ...]:
+        return (self.weight, self.gain)
+
+    def _cache_config(self) -> tuple[object, ...]:
+        return (self.eps, self.gamma)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._conv_forward(input, self.standardized_weight(), self.bias)
+
+    def _plain_twin(self) -> nn.Module:
+        return _conv_twin(self, nn.Conv2d)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, gamma={self.gamma}, eps={self.eps}"
+
+
+_WS_OF_CONV: dict[type[nn.Module], type[_WSLayer]] = {
+    nn.Conv1d: WSConv1d,
+    nn.Conv2d: WSConv2d,
+    nn.Conv3d: WSConv3d,
+}
+
+
+def _adopt(
+    plain: nn.Module, cls: Callable[..., _WSLayer], config: WSPreset, preset: str
+) -> _WSLayer:
+    """A WS layer that takes over ``plain``'s Parameter objects (not copies)."""
+    weight = plain._parameters["weight"]
+    assert weight is not None
+    kwargs: dict[str, Any] = {
+        "device": "meta",
+        "dtype": weight.dtype,
+        "preset": preset,
+        "eps": config.eps,
+        "unbiased": config.unbiased,
+        "eps_mode": config.eps_mode,
+    }
+    bias = plain._parameters.get("bias")
+    if isinstance(plain, nn.Linear):
+        new = cls(plain.in_features, plain.out_features, bias is not None, **kwargs)
+    else:
+        assert isinstance(plain, _ConvNd)
+        new = cls(
+            plain.in_channels,
+            plain.out_channels,
+            plain.kernel_size,
+            plain.stride,
+            plain.padding,
+            plain.dilation,
+            plain.groups,
+            bias is not None,
+            plain.padding_mode,
+            **kwargs,
+        )
+    # Re-binding (not copying) keeps optimizers', EMA's and tied modules' references valid.
+    new.register_parameter("weight", weight)
+    new.register_parameter("bias", bias)
+    new.train(plain.training)
+    return new
+
+
+def weight_standardize_(
+    model: nn.Module,
+    *,
+    preset: str = "paper",
+    eps: float | None = None,
+    unbiased: bool | None = None,
+    eps_mode: str | None = None,
+    include_linear: bool = False,
+    exclude: Callable[[str, nn.Module], bool] | Collection[str] | None = None,
+) -> nn.Module:
+    """Swap every plain ``nn.Conv1d``/``nn.Conv2d``/``nn.Conv3d`` of ``model`` for its WS layer.
+
+    Works in place and recursively. Each replaced layer becomes :class:`WSConv1d`,
+    :class:`WSConv2d` or :class:`WSConv3d` (and ``nn.Linear`` becomes :class:`WSLinear` when
+    ``include_linear``) built with ``preset``, ``eps``, ``unbiased`` and ``eps_mode`` (as in the
+    layers' constructors). The new layer holds **the same** ``weight`` and ``bias`` Parameter
+    objects, so an optimizer created before the call keeps training the model, and device,
+    dtype, ``requires_grad`` and the training flag are kept. Hooks registered on a replaced
+    module are not carried over; a layer whose ``weight`` is not a registered Parameter (the
+    old hook-based ``weight_norm``/``spectral_norm``) is left alone.
+
+    Only exact instances of the torch classes are replaced: their subclasses (including normkit's
+    WS layers, so the call is idempotent, parametrized convs and ``MultiheadAttention``'s output
+    projection) are left alone, because their forward may not be a plain conv; transposed
+    convolutions are not standardized. A module object
+    reachable under several names (a shared module) is replaced once, by one new object placed at
+    every one of its names. The official ResNets standardize every conv (stem and downsample
+    included) and keep the classifier a plain Linear; the WS README advises converting only convs
+    followed by a normalization layer, which ``exclude`` allows.
+
+    Note that modules that read a Linear's ``weight`` directly instead of calling it (weight
+    tying, custom heads) see the raw weight, not the standardized one.
+
+    Args:
+        model: the model to convert. If it is itself a plain conv (or Linear with
+            ``include_linear``), its replacement is returned.
+        preset, eps, unbiased, eps_mode: as in :class:`WSConv2d`.
+        include_linear: also replace plain ``nn.Linear`` layers with :class:`WSLinear`.
+        exclude: modules to leave alone: either a callable ``(qualified_name, module) -> bool``
+            (called for each name of each candidate layer), or a collection of qualified names
+            (as in ``model.named_modules()``; a name also excludes everything under it). A
+            module is left alone if any of its names is excluded. Unknown names raise.
+
+    Returns:
+        ``model`` (converted in place), or the replacement of ``model`` itself.
+
+    Example::
+
+        >>> model = torchvision.models.resnet50(norm_layer=lambda c: nn.GroupNorm(32, c))
+        >>> model = weight_standardize_(model)  # every conv standardized; fc stays Linear
+        >>> model = weight_standardize_(model, exclude={"conv1"})  # idempotent; stem untouched
+    """
+    where = "weight_standardize_"
+    config = _resolve_preset(where, preset, eps, unbiased, eps_mode)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: expected an nn.Module, got {type(model).__name__}")
+    targets: dict[type[nn.Module], type[_WSLayer]] = dict(_WS_OF_CONV)
+    if include_linear:
+        targets[nn.Linear] = WSLinear
+
+    # Pass 1: every name of every module, without touching the model.
+    names_of: dict[int, list[str]] = {}
+    modules: dict[int, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names_of.setdefault(id(module), []).append(name)
+        modules[id(module)] = module
+
+    is_excluded = _exclusion_rule(where, exclude, names_of)
+    replacements: dict[int, nn.Module] = {}
+    for key, module in modules.items():
+        cls = targets.get(type(module))
+        # A weight that is not a registered Parameter belongs to an old-style hook
+        # reparametrization (torch.nn.utils.weight_norm / spectral_norm): not a plain layer.
+        if cls is None or not isinstance(module._parameters.get("weight"), nn.Parameter):
+            continue
+        if any(is_excluded(n, module) for n in names_of[key]):
+            continue
+        replacements[key] = _adopt(module, cls, config, preset)
+
+    # Pass 2: re-point every slot holding a replaced module; each container's children are
+    # snapshotted before it is written to.
+    for parent in modules.values():
+        for attr, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacements:
+                setattr(parent, attr, replacements[id(child)])
+    return replacements.get(id(model), model)
+
+
+def _exclusion_rule(
+    where: str,
+    exclude: Callable[[str, nn.Module], bool] | Collection[str] | None,
+    names_of: dict[int, list[str]],
+) -> Callable[[str, nn.Module], bool]:
+    if exclude is None:
+        return lambda name, module: False
+    if callable(exclude):
+        rule = exclude
+        return lambda name, module: bool(rule(name, module))
+    if isinstance(exclude, str):
+        raise TypeError(
+            f"{where}: expected exclude to be a callable or a collection of names, got the "
+            f"string {exclude!r}; pass {{{exclude!r}}}"
+        )
+    wanted = set(exclude)
+    known = {n for names in names_of.values() for n in names}
+    unknown = sorted(wanted - known)
+    if unknown:
+        raise ValueError(f"{where}: expected exclude to name modules of the model, got {unknown}")
+    return lambda name, module: any(name == e or name.startswith(e + ".") for e in wanted)
