@@ -1,0 +1,92 @@
+"""normkit: faithful, fast drop-in normalization layers for PyTorch.
+
+The layers of four papers (Sandwich Batch Normalization; Weight Standardization and
+Batch-Channel Normalization; Revisiting Batch Normalization; Fixup initialization), usable in any
+PyTorch model.
+"""
+
+from __future__ import annotations
+
+from normkit import functional, models
+from normkit.fixup import (
+    Bias,
+    FixupBlock,
+    Scale,
+    fixup_init_,
+    fixup_param_groups,
+    fixup_scale,
+    he_normal_fan_out_,
+)
+from normkit.layers.batch_channel import (
+    BatchChannelNorm1d,
+    BatchChannelNorm2d,
+    BatchChannelNorm3d,
+)
+from normkit.layers.revisited import (
+    RELU_STD,
+    InputNorm1d,
+    InputNorm2d,
+    bn_param_groups,
+    init_bn_scale_,
+)
+from normkit.layers.sandwich import (
+    AuxBatchNorm1d,
+    AuxBatchNorm2d,
+    AuxBatchNorm3d,
+    CategoricalConditionalBatchNorm1d,
+    CategoricalConditionalBatchNorm2d,
+    CategoricalConditionalBatchNorm3d,
+    SandwichAdaIN,
+    SandwichBatchNorm1d,
+    SandwichBatchNorm2d,
+    SandwichBatchNorm3d,
+)
+from normkit.layers.weight_std import (
+    WS_PRESETS,
+    ScaledWSConv2d,
+    WSConv1d,
+    WSConv2d,
+    WSConv3d,
+    WSLinear,
+    weight_standardize_,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RELU_STD",
+    "WS_PRESETS",
+    "AuxBatchNorm1d",
+    "AuxBatchNorm2d",
+    "AuxBatchNorm3d",
+    "BatchChannelNorm1d",
+    "BatchChannelNorm2d",
+    "BatchChannelNorm3d",
+    "Bias",
+    "CategoricalConditionalBatchNorm1d",
+    "CategoricalConditionalBatchNorm2d",
+    "CategoricalConditionalBatchNorm3d",
+    "FixupBlock",
+    "InputNorm1d",
+    "InputNorm2d",
+    "SandwichAdaIN",
+    "SandwichBatchNorm1d",
+    "SandwichBatchNorm2d",
+    "SandwichBatchNorm3d",
+    "Scale",
+    "ScaledWSConv2d",
+    "WSConv1d",
+    "WSConv2d",
+    "WSConv3d",
+    "WSLinear",
+    "__version__",
+    "bn_param_groups",
+    "fixup_init_",
+    "fixup_param_groups",
+    "fixup_scale",
+    "functional",
+    "he_normal_fan_out_",
+    "init_bn_scale_",
+    "models",
+    "weight_standardize_",
+]
