@@ -337,3 +337,33 @@ def test_sgd_on_a_fixup_resnet20_reduces_the_loss_and_grows_the_zero_initialized
 def test_fixup_names_are_public_from_normkit() -> None:
     for name in fixup_names:
         assert getattr(normkit, name) is getattr(normkit.fixup, name)
+
+
+def test_gradcheck_scalars_and_fixup_blocks_in_float64() -> None:
+    from normkit.models import FixupBasicBlock, FixupBottleneck
+
+    torch.manual_seed(0)
+    for module in (normkit.Bias(dtype=torch.float64), normkit.Scale(dtype=torch.float64)):
+        with torch.no_grad():
+            next(module.parameters()).fill_(0.7)
+        x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(module, (x,))
+    blocks = [
+        FixupBasicBlock(4, 6, stride=2),
+        FixupBottleneck(4, 2, stride=1),
+    ]
+    for block in blocks:
+        block = block.double()
+        with torch.no_grad():
+            for p in block.parameters():
+                p.add_(0.3 * torch.randn_like(p))  # leave the zero init, so every path matters
+        x = torch.randn(2, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+        names = [n for n, _ in block.named_parameters()]
+        params = [p.detach().clone().requires_grad_() for p in block.parameters()]
+
+        def fn(
+            inp: torch.Tensor, *ps: torch.Tensor, block: nn.Module = block, names: list[str] = names
+        ) -> torch.Tensor:
+            return torch.func.functional_call(block, dict(zip(names, ps)), (inp,))
+
+        assert torch.autograd.gradcheck(fn, (x, *params))

@@ -170,3 +170,45 @@ def test_bn_output_bound_sqrt_m_minus_one() -> None:
     out = layer(x, 0)
     assert out.abs().max().item() <= math.sqrt(m - 1) + 1e-9
     assert out.abs().max().item() == pytest.approx(math.sqrt(m - 1), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("cls", "shape"), [(nk.InputNorm1d, (6, 3)), (nk.InputNorm2d, (6, 3, 4, 4))]
+)
+def test_input_norm_matches_literal_reference_over_steps(
+    cls: type[nn.Module], shape: tuple[int, ...]
+) -> None:
+    from tests.reference import RefConditionalBN
+
+    layer = cls(3, scale=0.2, dtype=F64)
+    ref = RefConditionalBN(3, 1, split=False)
+    frozen_bias = torch.zeros(3, dtype=F64)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(4):
+        x = torch.rand(shape, generator=gen, dtype=F64) * 3 + step
+        for training in (True, False):
+            layer.train(training)
+            want = ref(
+                x,
+                torch.zeros(shape[0], dtype=torch.long),
+                training=training,
+                weight=torch.full((3,), 0.2 * 0.58, dtype=F64),
+                bias=frozen_bias,
+                domain_weight=None,
+                domain_bias=None,
+            )
+            torch.testing.assert_close(layer(x), want, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(layer.running_mean, ref.running_mean[0])
+        torch.testing.assert_close(layer.running_var, ref.running_var[0])
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_input_norm_gradcheck(training: bool) -> None:
+    layer = nk.InputNorm2d(3, dtype=F64).train(training)
+    x = torch.rand(4, 3, 2, 2, dtype=F64, requires_grad=True)
+    weight = layer.weight.detach().clone().requires_grad_()
+
+    def fn(inp: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(layer, {"weight": w}, (inp,), strict=False)
+
+    assert torch.autograd.gradcheck(fn, (x, weight))
