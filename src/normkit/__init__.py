@@ -8,6 +8,7 @@ PyTorch model.
 from __future__ import annotations
 
 from normkit import functional, models
+from normkit.conditioning import condition, conditional_layers
 from normkit.fixup import (
     Bias,
     FixupBlock,
@@ -50,6 +51,12 @@ from normkit.layers.weight_std import (
     WSLinear,
     weight_standardize_,
 )
+from normkit.registry import (
+    create_norm,
+    get_norm_layer,
+    list_norms,
+    register_norm,
+)
 
 __version__ = "0.1.0"
 
@@ -81,12 +88,18 @@ __all__ = [
     "WSLinear",
     "__version__",
     "bn_param_groups",
+    "condition",
+    "conditional_layers",
+    "create_norm",
     "fixup_init_",
     "fixup_param_groups",
     "fixup_scale",
     "functional",
+    "get_norm_layer",
     "he_normal_fan_out_",
     "init_bn_scale_",
+    "list_norms",
     "models",
+    "register_norm",
     "weight_standardize_",
 ]

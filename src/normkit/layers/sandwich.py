@@ -59,6 +59,10 @@ class _ConditionalBatchNorm(_BatchNorm):
     """
 
     _ranks: tuple[int, ...] = (4,)
+    #: Marks the layer for :func:`normkit.condition`, which sets :attr:`context_domain`.
+    takes_domain = True
+    #: The index used when forward gets none (set by :func:`normkit.condition`).
+    context_domain: DomainIndex | None = None
     num_domains: int
     split_stats: bool
     domain_std: float
@@ -188,17 +192,17 @@ class _ConditionalBatchNorm(_BatchNorm):
     _shows_affine = True
     _shows_split = True
 
-    def _missing_domain(self) -> DomainIndex:
-        raise ValueError(
-            f"{type(self).__name__}: expected a domain index, got None; call layer(x, domain) "
-            "with an int or a LongTensor of shape (N,)"
-        )
-
     def forward(self, input: Tensor, domain: DomainIndex | None = None) -> Tensor:
         name = type(self).__name__
         check_input(name, input, self._ranks, self.num_features)
         if domain is None:
-            domain = self._missing_domain()
+            domain = self.context_domain
+        if domain is None:
+            raise ValueError(
+                f"{name}: expected a domain index, got None; call layer(x, domain) with an int "
+                "or a LongTensor of shape (N,), or run the model inside "
+                "`with normkit.condition(model, domain):`"
+            )
         check_index(name, domain, self.num_domains, input.shape[0])
         if isinstance(domain, Tensor):
             domain = domain.to(device=input.device, dtype=torch.long)

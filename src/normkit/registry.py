@@ -1,0 +1,189 @@
+"""A string registry of norm layers: ``create_norm``, ``get_norm_layer``, ``list_norms``.
+
+Names are case- and separator-insensitive (``"SaBN-split"``, ``"sabn_split"`` and ``"sabnsplit"``
+are one name). A bare family name builds the 2d layer; a ``1d``/``2d``/``3d`` suffix picks the
+dimensionality (``"bcn1d"``, ``"sabn-split-3d"``). Every factory takes the channel count first,
+so the callable that :func:`get_norm_layer` returns works as a torchvision or timm ``norm_layer=``
+argument.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from normkit.layers import batch_channel, revisited, sandwich
+
+__all__ = ["NormFactory", "create_norm", "get_norm_layer", "list_norms", "register_norm"]
+
+NormFactory = Callable[..., nn.Module]
+
+_REGISTRY: dict[str, NormFactory] = {}
+_CANONICAL: dict[str, str] = {}  # normalized key -> the name it was registered under
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[\s_\-.]", "", name).lower()
+
+
+def register_norm(name: str, factory: NormFactory | None = None, *, overwrite: bool = False) -> Any:
+    """Register ``factory(num_features, **kwargs) -> nn.Module`` under ``name``.
+
+    Usable as a function or as a decorator::
+
+        @normkit.register_norm("mynorm")
+        class MyNorm(nn.Module):
+            def __init__(self, num_features: int, **kwargs): ...
+
+    A name already taken (after case and separator folding) raises ``ValueError`` unless
+    ``overwrite=True``.
+    """
+
+    def add(f: NormFactory) -> NormFactory:
+        if not callable(f):
+            raise TypeError(f"register_norm: expected a callable factory, got {f!r}")
+        key = _key(name)
+        if not key:
+            raise ValueError(f"register_norm: expected a non-empty name, got {name!r}")
+        if key in _REGISTRY and not overwrite:
+            raise ValueError(
+                f"register_norm: the name {name!r} is taken (by {_CANONICAL[key]!r}); pass "
+                "overwrite=True to replace it"
+            )
+        _REGISTRY[key] = f
+        _CANONICAL[key] = name
+        return f
+
+    if factory is None:
+        return add
+    return add(factory)
+
+
+def list_norms() -> list[str]:
+    """Every registered name, as registered, sorted."""
+    return sorted(_CANONICAL.values())
+
+
+def _lookup(name: str, caller: str) -> NormFactory:
+    if not isinstance(name, str):
+        raise TypeError(f"{caller}: expected a norm name (str), got {type(name).__name__}")
+    factory = _REGISTRY.get(_key(name))
+    if factory is None:
+        raise ValueError(f"{caller}: unknown norm {name!r}; known norms: {', '.join(list_norms())}")
+    return factory
+
+
+def create_norm(name: str, num_features: int, **kwargs: Any) -> nn.Module:
+    """Build the norm registered as ``name`` for ``num_features`` channels.
+
+    Example::
+
+        >>> normkit.create_norm("sabn-split", 64, num_domains=3)
+        SandwichBatchNorm2d(64, num_domains=3, ..., split_stats=True, ...)
+    """
+    return _lookup(name, "create_norm")(num_features, **kwargs)
+
+
+class _NormLayer:
+    """A picklable ``norm_layer`` callable: ``layer(num_features) -> nn.Module``."""
+
+    def __init__(self, factory: NormFactory, label: str, kwargs: dict[str, Any]) -> None:
+        self.factory = factory
+        self.label = label
+        self.kwargs = kwargs
+
+    def __call__(self, num_features: int, **kwargs: Any) -> nn.Module:
+        return self.factory(num_features, **{**self.kwargs, **kwargs})
+
+    def __repr__(self) -> str:
+        args = "".join(f", {k}={v!r}" for k, v in self.kwargs.items())
+        return f"norm_layer({self.label}{args})"
+
+
+def get_norm_layer(name_or_callable: str | NormFactory, **kwargs: Any) -> _NormLayer:
+    """A callable ``norm_layer(num_features)`` for torchvision- and timm-style models.
+
+    ``name_or_callable`` is a registered name or any callable taking the channel count first (a
+    layer class, a function); ``kwargs`` are bound to it and may be overridden at call time.
+
+    Example::
+
+        >>> from normkit.models import resnet18
+        >>> model = resnet18(norm_layer=normkit.get_norm_layer("bcn", num_groups=32))
+    """
+    if isinstance(name_or_callable, str):
+        factory = _lookup(name_or_callable, "get_norm_layer")
+        label = repr(name_or_callable)
+    elif callable(name_or_callable):
+        factory = name_or_callable
+        label = getattr(name_or_callable, "__name__", repr(name_or_callable))
+    else:
+        raise TypeError(
+            "get_norm_layer: expected a norm name or a callable taking the channel count, got "
+            f"{type(name_or_callable).__name__}"
+        )
+    return _NormLayer(factory, label, kwargs)
+
+
+def _group_norm(num_features: int, num_groups: int = 32, **kwargs: Any) -> nn.GroupNorm:
+    # GroupNorm takes the group count first; normkit's factories take the channel count first.
+    if num_groups <= 0 or num_features % num_groups != 0:
+        raise ValueError(
+            f"GroupNorm: expected num_groups to divide num_features={num_features}, got "
+            f"num_groups={num_groups}"
+        )
+    return nn.GroupNorm(num_groups, num_features, **kwargs)
+
+
+def _register_builtins() -> None:
+    families: dict[str, dict[str, NormFactory]] = {
+        "bn": {"1d": nn.BatchNorm1d, "2d": nn.BatchNorm2d, "3d": nn.BatchNorm3d},
+        "sabn": {
+            "1d": sandwich.SandwichBatchNorm1d,
+            "2d": sandwich.SandwichBatchNorm2d,
+            "3d": sandwich.SandwichBatchNorm3d,
+        },
+        "ccbn": {
+            "1d": sandwich.CategoricalConditionalBatchNorm1d,
+            "2d": sandwich.CategoricalConditionalBatchNorm2d,
+            "3d": sandwich.CategoricalConditionalBatchNorm3d,
+        },
+        "auxbn": {
+            "1d": sandwich.AuxBatchNorm1d,
+            "2d": sandwich.AuxBatchNorm2d,
+            "3d": sandwich.AuxBatchNorm3d,
+        },
+        "bcn": {
+            "1d": batch_channel.BatchChannelNorm1d,
+            "2d": batch_channel.BatchChannelNorm2d,
+            "3d": batch_channel.BatchChannelNorm3d,
+        },
+        "inputnorm": {"1d": revisited.InputNorm1d, "2d": revisited.InputNorm2d},
+    }
+    variants: dict[str, tuple[str, dict[str, Any]]] = {
+        "sabn-split": ("sabn", {"split_stats": True}),
+        "saauxbn": ("sabn", {"split_stats": True}),
+        "ccbn-split": ("ccbn", {"split_stats": True}),
+        "bcn-micro": ("bcn", {"estimate": True}),
+    }
+    for family, dims in families.items():
+        register_norm(family, dims["2d"])
+        for dim, cls in dims.items():
+            register_norm(f"{family}{dim}", cls)
+    for name, (family, bound) in variants.items():
+        dims = families[family]
+        register_norm(name, functools.partial(dims["2d"], **bound))
+        for dim, cls in dims.items():
+            register_norm(f"{name}-{dim}", functools.partial(cls, **bound))
+    register_norm("gn", _group_norm)
+    register_norm("groupnorm", _group_norm)
+    register_norm("batchnorm", nn.BatchNorm2d)
+    register_norm("in", nn.InstanceNorm2d)
+    register_norm("ln", nn.LayerNorm)
+
+
+_register_builtins()
