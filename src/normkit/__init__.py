@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from normkit import functional, models
 from normkit.conditioning import condition, conditional_layers
+from normkit.distributed import convert_sync, revert_sync
 from normkit.fixup import (
     Bias,
     FixupBlock,
@@ -23,6 +24,7 @@ from normkit.layers.batch_channel import (
     BatchChannelNorm2d,
     BatchChannelNorm3d,
 )
+from normkit.layers.core import SyncBatchNorm
 from normkit.layers.revisited import (
     RELU_STD,
     InputNorm1d,
@@ -82,6 +84,7 @@ __all__ = [
     "SandwichBatchNorm3d",
     "Scale",
     "ScaledWSConv2d",
+    "SyncBatchNorm",
     "WSConv1d",
     "WSConv2d",
     "WSConv3d",
@@ -90,6 +93,7 @@ __all__ = [
     "bn_param_groups",
     "condition",
     "conditional_layers",
+    "convert_sync",
     "create_norm",
     "fixup_init_",
     "fixup_param_groups",
@@ -101,5 +105,6 @@ __all__ = [
     "list_norms",
     "models",
     "register_norm",
+    "revert_sync",
     "weight_standardize_",
 ]

@@ -11,7 +11,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 
@@ -58,3 +61,108 @@ def update_running_(
         new_var = torch.where(mask, new_var, running_var)
     running_mean.copy_(new_mean)
     running_var.copy_(new_var)
+
+
+@torch.no_grad()
+def track_batch_(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor,
+    momentum: float | None,
+    mean: Tensor,
+    var: Tensor,
+    count: int | Tensor,
+) -> None:
+    """Fold one batch's biased moments over ``count`` values into the running buffers.
+
+    ``count`` is a Python int (one set of statistics) or a tensor with one entry per row of the
+    buffers (``()`` for ``(C,)`` buffers, ``(K,)`` for per-domain ``(K, C)`` buffers); rows with
+    no values keep their buffers and their ``num_batches_tracked``.
+    """
+    if isinstance(count, int):
+        if count == 0:
+            return
+        num_batches_tracked.add_(1)
+        factor = ema_factor(momentum, num_batches_tracked, running_mean.dtype)
+        update_running_(running_mean, running_var, mean, var * unbiased_factor(count), factor)
+        return
+    present = count > 0
+    num_batches_tracked.add_(present.to(num_batches_tracked.dtype))
+    factor = ema_factor(momentum, num_batches_tracked, running_mean.dtype)
+    correction = unbiased_factor(count)
+    assert isinstance(correction, Tensor)
+    if present.dim() > 0:  # one row per domain: broadcast over channels
+        present = present.unsqueeze(-1)
+        correction = correction.unsqueeze(-1)
+        if isinstance(factor, Tensor):
+            factor = factor.unsqueeze(-1)
+    update_running_(running_mean, running_var, mean, var * correction, factor, mask=present)
+
+
+def world_size(group: Any = None) -> int:
+    """Ranks in ``group`` when ``torch.distributed`` is initialized, else 1."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return int(dist.get_world_size(group))
+
+
+def _merge_dtype(t: Tensor) -> torch.dtype:
+    # Cross-rank merging goes through raw sums; float64 keeps their cancellation negligible.
+    # (Apple's MPS has no float64.)
+    return torch.float32 if t.device.type == "mps" else torch.float64
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward sums the gradients over ranks (the adjoint of a sum)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, group: Any) -> Tensor:
+        ctx.group = group
+        out = t.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        out = grad.contiguous().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=ctx.group)
+        return out, None
+
+
+def sync_moments(
+    mean: Tensor, var: Tensor, count: int | Tensor, group: Any = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge per-rank biased moments over every rank of ``group``: one all-reduce, with gradient.
+
+    Args:
+        mean, var: this rank's moments, ``(C,)`` or ``(K, C)``; anything where ``count`` is 0
+            (NaN from an empty batch, say) is ignored.
+        count: values behind each moment on this rank: an int, or a tensor broadcasting against
+            ``mean`` (``(K, 1)`` for per-domain moments).
+
+    Returns:
+        ``(mean, var, count)`` over all ranks; ``count`` has ``mean``'s shape without the channel
+        dimension (a scalar for ``(C,)`` moments, ``(K,)`` for ``(K, C)``).
+
+    The all-reduce is differentiable (its backward all-reduces the gradient), so the gradient of
+    every rank's loss reaches every rank's input through the shared statistics.
+    """
+    dtype = _merge_dtype(mean)
+    n = torch.as_tensor(count, dtype=dtype, device=mean.device).expand_as(mean)
+    present = n > 0
+    m = torch.where(present, mean.to(dtype), 0.0)
+    v = torch.where(present, var.to(dtype), 0.0)
+    packed = torch.stack([n, n * m, n * (v + m.square())])
+    total = _AllReduceSum.apply(packed, group)
+    values = total[0]
+    denom = values.clamp_min(1)
+    g_mean = total[1] / denom
+    g_var = (total[2] / denom - g_mean.square()).clamp_min(0)
+    return g_mean.to(mean.dtype), g_var.to(var.dtype), values[..., 0]
+
+
+@torch.no_grad()
+def all_reduce_sum_(t: Tensor, group: Any = None) -> Tensor:
+    """In-place sum over every rank of ``group``, without gradient; returns ``t``."""
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t

@@ -82,11 +82,11 @@ def condition(model: nn.Module, domain: int | Tensor) -> Iterator[nn.Module]:
     previous = [layer.__dict__.get("context_domain") for layer in layers]
     try:
         for layer in layers:
-            layer.context_domain = domain
+            setattr(layer, "context_domain", domain)  # noqa: B010 (not a Module attribute)
         yield model
     finally:
         for layer, before in zip(layers, previous):
             if before is None:
                 layer.__dict__.pop("context_domain", None)
             else:
-                layer.context_domain = before
+                setattr(layer, "context_domain", before)  # noqa: B010

@@ -55,6 +55,11 @@ def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
         ``(mean, var)``, each of shape ``(C,)`` in the statistics dtype.
     """
     dims = [0, *range(2, x.dim())]
+    if x.numel() == 0:
+        # An empty batch (one rank's share, say) has no moments: report zeros that stay in the
+        # graph, so a synchronized layer's backward collective runs on this rank too.
+        zeros = _upcast(x).sum(dim=dims)
+        return zeros, zeros.clone()
     var, mean = torch.var_mean(_upcast(x), dim=dims, correction=0)
     return mean, var.clamp_min(0)
 
@@ -72,6 +77,9 @@ def sample_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     xf = _upcast(x)
     if x.dim() == 2:
         return xf, torch.zeros_like(xf)
+    if x.numel() == 0:  # zeros in the graph, as in batch_moments
+        zeros = xf.sum(dim=list(range(2, x.dim())))
+        return zeros, zeros.clone()
     var, mean = torch.var_mean(xf, dim=list(range(2, x.dim())), correction=0)
     return mean, var.clamp_min(0)
 
@@ -132,7 +140,8 @@ def group_moments(
     yq = scale.square() * q
     ym_g = ym.reshape(n, num_groups, c // num_groups)
     gmean = ym_g.mean(dim=2)
-    gvar = (yq.reshape(n, num_groups, -1) + (ym_g - gmean.unsqueeze(2)).square()).mean(dim=2)
+    gvar = yq.reshape(n, num_groups, c // num_groups) + (ym_g - gmean.unsqueeze(2)).square()
+    gvar = gvar.mean(dim=2)
     return gmean, gvar.clamp_min(0)
 
 

@@ -24,7 +24,13 @@ from normkit._checks import (
     check_momentum,
     check_positive,
 )
-from normkit._stats import ema_factor, unbiased_factor, update_running_
+from normkit._stats import (
+    all_reduce_sum_,
+    sync_moments,
+    track_batch_,
+    update_running_,
+    world_size,
+)
 
 __all__ = ["BatchChannelNorm1d", "BatchChannelNorm2d", "BatchChannelNorm3d"]
 
@@ -39,6 +45,10 @@ class _BatchChannelNorm(_BatchNorm):
     group_affine: str
     group_weight: nn.Parameter | None
     group_bias: nn.Parameter | None
+    #: Batch statistics (and estimates) over every rank of ``process_group``
+    #: (see :func:`normkit.convert_sync`).
+    sync = False
+    process_group: Any = None
 
     def __init__(
         self,
@@ -122,10 +132,11 @@ class _BatchChannelNorm(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         name = type(self).__name__
         check_input(name, input, self._ranks, self.num_features)
-        if self.training and not self.estimate:
+        syncing = self._syncing()
+        if self.training and not self.estimate and not syncing:
             check_batch_values(name, input)
         m, q = F.sample_moments(input)
-        mean, var = self._batch_statistics(input, m, q)
+        mean, var = self._batch_statistics(input, m, q, syncing)
 
         # Batch part as a per-channel affine x1 = a x + b.
         a = torch.rsqrt(var + self.eps)
@@ -153,12 +164,17 @@ class _BatchChannelNorm(_BatchNorm):
             shift = shift * gw + gb
         return F.apply_scale_shift(input, scale, shift)
 
-    def _batch_statistics(self, x: Tensor, m: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    def _syncing(self) -> bool:
+        return self.sync and self.training and world_size(self.process_group) > 1
+
+    def _batch_statistics(
+        self, x: Tensor, m: Tensor, q: Tensor, syncing: bool
+    ) -> tuple[Tensor, Tensor]:
         """Per-channel mean and variance that the batch part normalizes with."""
         if self.estimate:
             assert self.running_mean is not None and self.running_var is not None
-            if self.training and x.numel() > 0:
-                self._update_estimates(m, q)
+            if self.training:
+                self._update_estimates(m, q, syncing)
             # Copies (C values each): the next training forward updates the buffers in place,
             # which must not invalidate this forward's graph (micro-batch gradient accumulation
             # runs several forwards before one backward).
@@ -167,29 +183,57 @@ class _BatchChannelNorm(_BatchNorm):
             assert self.running_var is not None
             return self.running_mean.clone(), self.running_var.clone()
         mean, var = F.merge_sample_moments(m, q)
-        count = x.numel() // x.shape[1]
-        if self.training and self.running_mean is not None and count > 0:
+        count: int | Tensor = x.numel() // x.shape[1]
+        if syncing:
+            mean, var, count = sync_moments(mean, var, count, self.process_group)
+        if self.training and self.running_mean is not None:
             assert self.running_var is not None and self.num_batches_tracked is not None
-            self.num_batches_tracked.add_(1)
-            factor = ema_factor(self.momentum, self.num_batches_tracked, self.running_mean.dtype)
-            update_running_(
-                self.running_mean, self.running_var, mean, var * unbiased_factor(count), factor
+            track_batch_(
+                self.running_mean,
+                self.running_var,
+                self.num_batches_tracked,
+                self.momentum,
+                mean,
+                var,
+                count,
             )
         return mean, var
 
     @torch.no_grad()
-    def _update_estimates(self, m: Tensor, q: Tensor) -> None:
+    def _update_estimates(self, m: Tensor, q: Tensor, syncing: bool) -> None:
         # The variance is centred on the previous mean estimate, not on the batch mean, as in
         # the authors' estimated-statistics BN; it is stored biased.
         assert self.running_mean is not None and self.running_var is not None
         assert self.num_batches_tracked is not None
         old_mean = self.running_mean.to(m.dtype)
-        batch_mean = m.mean(dim=0)
-        batch_var = (q + (m - old_mean).square()).mean(dim=0)
-        update_running_(
-            self.running_mean, self.running_var, batch_mean, batch_var, self.estimate_rate
-        )
-        self.num_batches_tracked.add_(1)
+        if not syncing:
+            if m.shape[0] == 0:
+                return
+            batch_mean = m.mean(dim=0)
+            batch_var = (q + (m - old_mean).square()).mean(dim=0)
+            present: bool | Tensor = True
+        else:
+            # Sums over every rank's samples (equal spatial sizes), in one all-reduce.
+            sums = torch.stack(
+                [
+                    torch.full_like(old_mean, float(m.shape[0])),
+                    m.sum(dim=0),
+                    (q + (m - old_mean).square()).sum(dim=0),
+                ]
+            ).double()
+            all_reduce_sum_(sums, self.process_group)
+            n = sums[0].clamp_min(1)
+            batch_mean, batch_var = (sums[1] / n).to(m.dtype), (sums[2] / n).to(m.dtype)
+            present = sums[0][0] > 0
+        rate = self.estimate_rate
+        if isinstance(present, Tensor):
+            update_running_(
+                self.running_mean, self.running_var, batch_mean, batch_var, rate, mask=present
+            )
+            self.num_batches_tracked.add_(present.to(self.num_batches_tracked.dtype))
+        else:
+            update_running_(self.running_mean, self.running_var, batch_mean, batch_var, rate)
+            self.num_batches_tracked.add_(1)
 
 
 _BCN_DOC = r"""Batch-Channel Normalization (BCN; Qiao et al. 2019, "Micro-Batch Training with

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from normkit._checks import check_batch_values, check_input, check_positive
+from normkit._checks import check_positive
+from normkit.layers.core import DomainIndex, _BatchNormCore
 
 __all__ = [
     "RELU_STD",
@@ -30,38 +31,52 @@ RELU_STD = 0.58
 ``sqrt(1/2 − 1/(2π)) ≈ 0.5838``, rounded as the authors do."""
 
 
-class _InputNorm:
-    """Mixin: BN on raw inputs, scale initialised to ``scale · RELU_STD``, shift frozen at 0."""
+class _InputNorm(_BatchNormCore):
+    """BN on raw inputs: scale initialised to ``scale · RELU_STD``, shift frozen at 0."""
 
-    scale: float
-    weight: nn.Parameter
-    bias: nn.Parameter
-    num_features: int
-    training: bool
-    _ranks: tuple[int, ...]
+    _shows_split = False
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        check_input(type(self).__name__, input, self._ranks, self.num_features)
-
-    def forward(self, input: Tensor) -> Tensor:
-        # Checks with normkit's messages (naming the layer) before BN's own.
-        check_input(type(self).__name__, input, self._ranks, self.num_features)
-        if self.training:
-            check_batch_values(type(self).__name__, input)
-        out: Tensor = super().forward(input)  # type: ignore[misc]
-        return out
-
-    def _init_input_norm(self, scale: float) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        scale: float = 0.1,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        check_positive(type(self).__name__, "scale", scale)
         self.scale = float(scale)
+        super().__init__(
+            num_features,
+            1,
+            eps,
+            momentum,
+            True,
+            track_running_stats,
+            device,
+            dtype,
+            domain_affine=False,
+            domain_std=0.0,
+        )
         self.bias.requires_grad_(False)
-        self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        super().reset_parameters()  # type: ignore[misc]
-        if hasattr(self, "scale"):
-            with torch.no_grad():
-                self.weight.fill_(self.scale * RELU_STD)
-                self.bias.zero_()
+        super().reset_parameters()
+        with torch.no_grad():
+            self.weight.fill_(self.scale * RELU_STD)
+            self.bias.zero_()
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.num_features}, scale={self.scale}, eps={self.eps}, momentum={self.momentum}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
+        return s + (", sync=True" if self.sync else "")
+
+    def forward(self, input: Tensor, domain: DomainIndex | None = None) -> Tensor:
+        return super().forward(input)
 
 
 _INPUT_NORM_DOC = r"""Online BN-based input normalization (Davis & Frank 2021).
@@ -75,9 +90,10 @@ _INPUT_NORM_DOC = r"""Online BN-based input normalization (Davis & Frank 2021).
     0.58 is the std of ReLU of a standard normal, so the first layer sees inputs on the scale that
     later layers see after BN and ReLU. The shift ``bias`` is frozen at 0 (``requires_grad`` is
     False, so :func:`bn_param_groups` puts it in no group); the scale ``weight`` is learnable and
-    goes in the reduced-lr BN-scale group. The layer is an ``nn.BatchNorm`` subclass with its names,
-    training behaviour and running-statistics rule (momentum 0.1, unbiased running variance).
-    :func:`init_bn_scale_` leaves it alone: its scale is set here.
+    goes in the reduced-lr BN-scale group. The layer is a batch norm (a ``_BatchNorm`` subclass)
+    with ``nn.BatchNorm``'s names, training behaviour and running-statistics rule (momentum 0.1,
+    unbiased running variance), and joins :func:`normkit.convert_sync` like normkit's other
+    batch-statistics layers. :func:`init_bn_scale_` leaves it alone: its scale is set here.
 
     Args:
         num_features: number of input channels.
@@ -90,48 +106,14 @@ _INPUT_NORM_DOC = r"""Online BN-based input normalization (Davis & Frank 2021).
 """
 
 
-class InputNorm1d(_InputNorm, nn.BatchNorm1d):
+class InputNorm1d(_InputNorm):
     __doc__ = _INPUT_NORM_DOC
     _ranks = (2, 3)
 
-    def __init__(
-        self,
-        num_features: int,
-        scale: float = 0.1,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        track_running_stats: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-    ) -> None:
-        check_positive(type(self).__name__, "scale", scale)
-        super().__init__(num_features, eps, momentum, True, track_running_stats, device, dtype)
-        self._init_input_norm(scale)
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, scale={self.scale}"
-
-
-class InputNorm2d(_InputNorm, nn.BatchNorm2d):
+class InputNorm2d(_InputNorm):
     __doc__ = _INPUT_NORM_DOC
     _ranks = (4,)
-
-    def __init__(
-        self,
-        num_features: int,
-        scale: float = 0.1,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        track_running_stats: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-    ) -> None:
-        check_positive(type(self).__name__, "scale", scale)
-        super().__init__(num_features, eps, momentum, True, track_running_stats, device, dtype)
-        self._init_input_norm(scale)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, scale={self.scale}"
 
 
 def init_bn_scale_(model: nn.Module, value: float = 0.1) -> int:

@@ -1,0 +1,364 @@
+"""The batch-norm core shared by normkit's BN-derived layers.
+
+``_BatchNormCore`` computes statistics (shared, or per domain), optionally over every rank of
+``torch.distributed``, updates the running buffers, and applies one folded per-(sample, channel)
+scale-and-shift that combines normalization, an optional shared affine and an optional
+per-domain affine. Sandwich BN, CCBN, AuxBN, :class:`SyncBatchNorm` and InputNorm are thin
+subclasses that fix which parts exist.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from normkit import functional as F
+from normkit._checks import (
+    check_batch_values,
+    check_count,
+    check_index,
+    check_input,
+    check_momentum,
+    check_positive,
+)
+from normkit._stats import sync_moments, track_batch_, world_size
+
+__all__ = ["DomainIndex", "SyncBatchNorm"]
+
+DomainIndex = int | Tensor
+
+
+class _BatchNormCore(_BatchNorm):
+    """Statistics (shared or per domain, local or synchronized), then one folded affine.
+
+    Subclasses choose the parts (``affine`` for the shared affine, ``domain_affine``,
+    ``split_stats``) and the accepted ranks. Subclassing ``_BatchNorm`` keeps the checkpoint
+    names and lets tools that look for batch norms (``torch.optim.swa_utils.update_bn``, freeze
+    helpers, ``bn_param_groups``) find these layers.
+
+    Synchronization: with ``sync=True`` (set by :func:`normkit.convert_sync`), batch statistics
+    in training are merged over every rank of ``process_group`` with one differentiable
+    all-reduce per forward; it is a no-op when ``torch.distributed`` is not initialized or has one
+    rank.
+    """
+
+    _ranks: tuple[int, ...] = (4,)
+    #: Whether :func:`normkit.condition` passes this layer an index.
+    takes_domain = False
+    #: The index used when forward gets none (set by :func:`normkit.condition`).
+    context_domain: DomainIndex | None = None
+    #: Batch statistics over every rank of ``process_group`` (see :func:`normkit.convert_sync`).
+    sync = False
+    process_group: Any = None
+    num_domains: int
+    split_stats: bool
+    domain_std: float
+    shared_std: float
+    domain_weight: nn.Parameter | None
+    domain_bias: nn.Parameter | None
+
+    def __init__(
+        self,
+        num_features: int,
+        num_domains: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        split_stats: bool = False,
+        domain_affine: bool = True,
+        domain_std: float = 0.02,
+        shared_std: float = 0.0,
+    ) -> None:
+        name = type(self).__name__
+        check_count(name, "num_features", num_features)
+        check_count(name, "num_domains", num_domains)
+        check_positive(name, "eps", eps)
+        check_momentum(name, momentum)
+        if domain_std < 0 or shared_std < 0:
+            raise ValueError(
+                f"{name}: expected domain_std >= 0 and shared_std >= 0, got {domain_std} and "
+                f"{shared_std}"
+            )
+        factory = {"device": device, "dtype": dtype}
+        self.num_domains = num_domains
+        self.split_stats = split_stats
+        self.domain_std = domain_std
+        self.shared_std = shared_std
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, **factory)
+        if split_stats and track_running_stats:
+            shape = (num_domains, num_features)
+            self.register_buffer("running_mean", torch.zeros(shape, **factory))
+            self.register_buffer("running_var", torch.ones(shape, **factory))
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.zeros(num_domains, dtype=torch.long, device=device),
+            )
+        if domain_affine:
+            shape = (num_domains, num_features)
+            self.domain_weight = nn.Parameter(torch.empty(shape, **factory))
+            self.domain_bias = nn.Parameter(torch.empty(shape, **factory))
+        else:
+            self.register_parameter("domain_weight", None)
+            self.register_parameter("domain_bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Running statistics to (0, 1); shared affine to (1, 0) or N(1, shared_std) and 0;
+        per-domain scales to N(1, domain_std) (exactly 1 when the std is 0), shifts to 0."""
+        super().reset_parameters()
+        if self.affine and self.shared_std > 0:
+            with torch.no_grad():
+                self.weight.normal_(1.0, self.shared_std)
+        # _BatchNorm.__init__ calls this before the per-domain affine exists.
+        domain_weight = getattr(self, "domain_weight", None)
+        domain_bias = getattr(self, "domain_bias", None)
+        if domain_weight is not None and domain_bias is not None:
+            with torch.no_grad():
+                if self.domain_std > 0:
+                    domain_weight.normal_(1.0, self.domain_std)
+                else:
+                    domain_weight.fill_(1.0)
+                domain_bias.zero_()
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        check_input(type(self).__name__, input, self._ranks, self.num_features)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # A plain batch norm's checkpoint maps onto this layer: per-channel statistics go to
+        # every domain when statistics are split, and a BN affine becomes every domain's affine
+        # when the layer has no shared one, so that the loaded layer computes the same function
+        # as the batch norm did for every domain.
+        k, c = self.num_domains, self.num_features
+        if self.split_stats and self.running_mean is not None:
+            for key in ("running_mean", "running_var"):
+                t = state_dict.get(prefix + key)
+                if isinstance(t, Tensor) and t.dim() == 1 and t.shape[0] == c:
+                    state_dict[prefix + key] = t.unsqueeze(0).expand(k, c).clone()
+            t = state_dict.get(prefix + "num_batches_tracked")
+            if isinstance(t, Tensor) and t.dim() == 0:
+                state_dict[prefix + "num_batches_tracked"] = t.expand(k).clone()
+            version = local_metadata.get("version")
+            key = prefix + "num_batches_tracked"
+            if (version is None or version < 2) and key not in state_dict:
+                state_dict[key] = torch.zeros(k, dtype=torch.long)
+        has_domain = self.domain_weight is not None
+        if not self.affine and has_domain and prefix + "domain_weight" not in state_dict:
+            w, b = state_dict.get(prefix + "weight"), state_dict.get(prefix + "bias")
+            if isinstance(w, Tensor) and isinstance(b, Tensor) and w.shape == (c,):
+                state_dict[prefix + "domain_weight"] = w.unsqueeze(0).expand(k, c).clone()
+                state_dict[prefix + "domain_bias"] = b.unsqueeze(0).expand(k, c).clone()
+                del state_dict[prefix + "weight"], state_dict[prefix + "bias"]
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.num_features}, num_domains={self.num_domains}, eps={self.eps}, "
+            f"momentum={self.momentum}, track_running_stats={self.track_running_stats}"
+        )
+        if type(self)._shows_affine:
+            s += f", affine={self.affine}"
+        if type(self)._shows_split:
+            s += f", split_stats={self.split_stats}"
+        s += f", domain_std={self.domain_std}"
+        return s + (", sync=True" if self.sync else "")
+
+    _shows_affine = True
+    _shows_split = True
+
+    @property
+    def _needs_domain(self) -> bool:
+        return self.split_stats or self.domain_weight is not None
+
+    def _syncing(self) -> bool:
+        return self.sync and self.training and world_size(self.process_group) > 1
+
+    def forward(self, input: Tensor, domain: DomainIndex | None = None) -> Tensor:
+        name = type(self).__name__
+        check_input(name, input, self._ranks, self.num_features)
+        if self._needs_domain:
+            if domain is None:
+                domain = self.context_domain
+            if domain is None:
+                raise ValueError(
+                    f"{name}: expected a domain index, got None; call layer(x, domain) with an "
+                    "int or a LongTensor of shape (N,), or run the model inside "
+                    "`with normkit.condition(model, domain):`"
+                )
+            check_index(name, domain, self.num_domains, input.shape[0])
+            if isinstance(domain, Tensor):
+                domain = domain.to(device=input.device, dtype=torch.long)
+        else:
+            domain = 0
+        syncing = self._syncing()
+        if self.training and not syncing:
+            # Under sync a rank may hold one value per channel (or none): the global batch
+            # decides, as in torch's SyncBatchNorm.
+            check_batch_values(name, input)
+
+        use_batch = self.training or self.running_mean is None
+        if self.split_stats:
+            mean, var = self._split_statistics(input, domain, use_batch, syncing)
+        else:
+            mean, var = self._shared_statistics(input, use_batch, syncing)
+
+        # Fold BN, the shared affine and the per-domain affine into one scale and shift.
+        scale = torch.rsqrt(var + self.eps)
+        shift = -mean * scale
+        if self.affine:
+            scale = scale * self.weight
+            shift = shift * self.weight + self.bias
+        if self.domain_weight is not None and self.domain_bias is not None:
+            if isinstance(domain, int):
+                g, b = self.domain_weight[domain], self.domain_bias[domain]
+            else:
+                g = self.domain_weight.index_select(0, domain)
+                b = self.domain_bias.index_select(0, domain)
+            scale = scale * g
+            shift = shift * g + b
+        scale, shift = torch.broadcast_tensors(scale, shift)
+        return F.apply_scale_shift(input, scale, shift)
+
+    def _shared_statistics(
+        self, x: Tensor, use_batch: bool, syncing: bool
+    ) -> tuple[Tensor, Tensor]:
+        if not use_batch:
+            assert self.running_mean is not None and self.running_var is not None
+            # Copies, so that a later training forward's in-place update cannot invalidate
+            # this forward's graph.
+            return self.running_mean.clone(), self.running_var.clone()
+        mean, var = F.batch_moments(x)
+        count: int | Tensor = x.numel() // x.shape[1]
+        if syncing:
+            mean, var, count = sync_moments(mean, var, count, self.process_group)
+        if self.training and self.running_mean is not None:
+            self._update_running(mean, var, count)
+        return mean, var
+
+    def _split_statistics(
+        self, x: Tensor, domain: DomainIndex, use_batch: bool, syncing: bool
+    ) -> tuple[Tensor, Tensor]:
+        """Per-domain statistics: ``(C,)`` for an int domain, ``(N, C)`` per sample otherwise."""
+        track = self.training and self.running_mean is not None
+        if not use_batch:
+            assert self.running_mean is not None and self.running_var is not None
+            if isinstance(domain, int):
+                return self.running_mean[domain].clone(), self.running_var[domain].clone()
+            return (
+                self.running_mean.index_select(0, domain),
+                self.running_var.index_select(0, domain),
+            )
+        spatial = x.numel() // max(x.shape[0] * x.shape[1], 1)
+        if isinstance(domain, int) and not syncing:
+            mean, var = F.batch_moments(x)
+            if track:
+                count = torch.zeros(self.num_domains, dtype=mean.dtype, device=x.device)
+                count[domain] = x.shape[0] * spatial
+                self._update_running(mean.expand(self.num_domains, -1), var, count)
+            return mean, var
+        if isinstance(domain, int):
+            # Other ranks may hold other domains: merge per domain.
+            domain = torch.full((x.shape[0],), domain, dtype=torch.long, device=x.device)
+        m, q = F.sample_moments(x)
+        dmean, dvar, dcount = F.domain_moments(m, q, domain, self.num_domains)
+        values: Tensor = dcount * spatial
+        if syncing:
+            dmean, dvar, values = sync_moments(dmean, dvar, values.unsqueeze(1), self.process_group)
+        if track:
+            self._update_running(dmean, dvar, values)
+        return dmean.index_select(0, domain), dvar.index_select(0, domain)
+
+    def _update_running(self, mean: Tensor, var: Tensor, count: int | Tensor) -> None:
+        assert self.running_mean is not None and self.running_var is not None
+        assert self.num_batches_tracked is not None
+        track_batch_(
+            self.running_mean,
+            self.running_var,
+            self.num_batches_tracked,
+            self.momentum,
+            mean,
+            var,
+            count,
+        )
+
+
+class SyncBatchNorm(_BatchNormCore):
+    r"""Batch normalization whose training statistics span every rank of ``torch.distributed``.
+
+    .. math::
+        y = γ ⊙ (x − μ) / \sqrt{σ^2 + ε} + β
+
+    with μ and the biased σ² taken over the samples of *all* ranks of ``process_group`` in
+    training (one differentiable all-reduce per forward, on any backend, gloo on CPU included;
+    uneven and empty per-rank batches are weighted by their sizes), and the running statistics in
+    eval. Running statistics follow ``nn.BatchNorm``
+    (``running = (1 − momentum) · running + momentum · stat``, unbiased variance stored) and are
+    equal on every rank. Without an initialized process group of more than one rank it is a
+    plain batch norm. Names and checkpoints are ``nn.BatchNorm``'s.
+
+    :func:`normkit.convert_sync` swaps torch's batch norms for this layer (torch's own
+    ``nn.SyncBatchNorm`` runs only on accelerators); :func:`normkit.revert_sync` swaps back.
+
+    Shapes: ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``.
+
+    Example::
+
+        >>> norm = normkit.SyncBatchNorm(64)
+        >>> norm(torch.randn(8, 64, 4, 4)).shape
+        torch.Size([8, 64, 4, 4])
+    """
+
+    _ranks = (2, 3, 4, 5)
+    _shows_split = False
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(
+            num_features,
+            1,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            domain_affine=False,
+            domain_std=0.0,
+        )
+        self.sync = True
+        self.process_group = process_group
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+        )
+
+    def forward(self, input: Tensor, domain: DomainIndex | None = None) -> Tensor:
+        return super().forward(input)

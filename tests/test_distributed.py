@@ -1,0 +1,257 @@
+"""convert_sync: two gloo processes, each with part of a batch, equal one process with all of it.
+
+Each case builds a layer, converts it with ``convert_sync``, and runs one training forward and
+backward (plus a second forward, so running statistics are compared after two updates) on
+``world_size`` CPU processes that split the batch (unevenly, and with one rank empty). The parent
+process runs the unconverted layer on the whole batch and compares outputs, input gradients,
+parameter gradients (summed over ranks, as DDP would before averaging) and running buffers.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import normkit as nk
+
+WORLD = 2
+F64 = torch.float64
+
+Factory = Callable[[], nn.Module]
+
+# name -> (factory, input shape of the whole batch, domain: None, int or per-sample list)
+CASES: dict[str, tuple[Factory, tuple[int, ...], Any]] = {
+    "torch-bn2d": (lambda: nn.BatchNorm2d(4, dtype=F64), (6, 4, 3, 3), None),
+    "torch-bn1d": (lambda: nn.BatchNorm1d(4, dtype=F64), (6, 4), None),
+    "sabn-shared": (lambda: nk.SandwichBatchNorm2d(4, 3, dtype=F64), (6, 4, 3, 3), "per_sample"),
+    "sabn-split": (
+        lambda: nk.SandwichBatchNorm2d(4, 3, split_stats=True, dtype=F64),
+        (6, 4, 3, 3),
+        "per_sample",
+    ),
+    "sabn-split-int": (
+        lambda: nk.SandwichBatchNorm2d(4, 3, split_stats=True, dtype=F64),
+        (6, 4, 3, 3),
+        1,
+    ),
+    "ccbn": (
+        lambda: nk.CategoricalConditionalBatchNorm2d(4, 3, momentum=None, dtype=F64),
+        (6, 4, 3, 3),
+        "per_sample",
+    ),
+    "auxbn": (lambda: nk.AuxBatchNorm2d(4, 3, dtype=F64), (6, 4, 3, 3), "per_sample"),
+    "bcn": (lambda: nk.BatchChannelNorm2d(4, 2, dtype=F64), (6, 4, 3, 3), None),
+    "bcn-micro": (
+        lambda: nk.BatchChannelNorm2d(4, 2, estimate=True, estimate_rate=0.3, dtype=F64),
+        (6, 4, 3, 3),
+        None,
+    ),
+    "inputnorm": (lambda: nk.InputNorm2d(4, dtype=F64), (6, 4, 3, 3), None),
+}
+DOMAINS = [0, 1, 2, 2, 0, 1]
+# Rows of the whole batch held by each rank: uneven, and one split with an empty rank.
+SPLITS = {"uneven": [[0, 1, 2, 3], [4, 5]], "empty-rank": [[0, 1, 2, 3, 4, 5], []]}
+
+
+def _randomize(layer: nn.Module) -> None:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def _data(name: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+    _, shape, _ = CASES[name]
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(shape, generator=g, dtype=F64) * 2 + 1 for _ in range(2)]
+    weight = torch.randn(shape, generator=g, dtype=F64)
+    return xs, weight
+
+
+def _domain(name: str, rows: list[int]) -> Any:
+    kind = CASES[name][2]
+    if kind is None:
+        return None
+    if kind == "per_sample":
+        return torch.tensor([DOMAINS[r] for r in rows], dtype=torch.long)
+    return kind
+
+
+def _run(layer: nn.Module, name: str, rows: list[int]) -> dict[str, Any]:
+    """Two training steps on ``rows`` of the data; the first step's output and gradients."""
+    xs, weight = _data(name)
+    x = xs[0][rows].clone().requires_grad_()
+    domain = _domain(name, rows)
+    args = (x,) if domain is None else (x, domain)
+    out = layer(*args)
+    (out * weight[rows]).sum().backward()
+    second = xs[1][rows]
+    layer(*((second,) if domain is None else (second, domain)))
+    return {
+        "out": out.detach(),
+        "x_grad": x.grad,
+        "param_grads": {
+            n: (p.grad if p.grad is not None else torch.zeros_like(p))
+            for n, p in layer.named_parameters()
+        },
+        "buffers": {n: b.clone() for n, b in layer.named_buffers()},
+    }
+
+
+def _worker(rank: int, store_path: str, out_dir: str, split: str) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store_path}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        results = {}
+        for name, (factory, _, _) in CASES.items():
+            torch.manual_seed(0)
+            layer = factory()
+            _randomize(layer)
+            layer = nk.convert_sync(layer)
+            results[name] = _run(layer, name, SPLITS[split][rank])
+        results["ddp"] = _ddp_step(rank)
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nk.BatchChannelNorm2d(8, 4, estimate=True),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )
+
+
+def _ddp_step(rank: int) -> dict[str, torch.Tensor]:
+    model = nk.convert_sync(_ddp_model())
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    rows = slice(0, 4) if rank == 0 else slice(4, 8)
+    loss = nn.functional.cross_entropy(ddp(x[rows]), y[rows])
+    loss.backward()
+    opt.step()
+    return {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module", params=list(SPLITS))
+def rank_results(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, list[dict[str, Any]]]:
+    split = request.param
+    tmp = tmp_path_factory.mktemp(f"dist-{split}")
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=_worker, args=(rank, str(tmp / "store"), str(tmp), split))
+        for rank in range(WORLD)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return split, [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_ranks_equal_one_process_with_the_whole_batch(
+    name: str, rank_results: tuple[str, list[dict[str, Any]]]
+) -> None:
+    split, results = rank_results
+    factory = CASES[name][0]
+    torch.manual_seed(0)
+    layer = factory()
+    _randomize(layer)
+    whole = _run(layer, name, list(range(CASES[name][1][0])))
+    rows = SPLITS[split]
+    tol = {"rtol": 1e-5, "atol": 1e-5}
+    for rank in range(WORLD):
+        got = results[rank][name]
+        torch.testing.assert_close(got["out"], whole["out"][rows[rank]], **tol)
+        torch.testing.assert_close(got["x_grad"], whole["x_grad"][rows[rank]], **tol)
+        for key, buf in whole["buffers"].items():
+            torch.testing.assert_close(got["buffers"][key], buf, **tol, msg=f"{name}: {key}")
+    for key, grad in whole["param_grads"].items():
+        summed = sum(results[rank][name]["param_grads"][key] for rank in range(WORLD))
+        torch.testing.assert_close(summed, grad, **tol, msg=f"{name}: grad of {key}")
+
+
+def test_ddp_training_step_keeps_ranks_in_step(
+    rank_results: tuple[str, list[dict[str, Any]]],
+) -> None:
+    _, results = rank_results
+    a, b = results[0]["ddp"], results[1]["ddp"]
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
+    # The step changed the model, and the synchronized BN statistics moved.
+    fresh = _ddp_model().state_dict()
+    assert not torch.equal(a["1.running_mean"], fresh["1.running_mean"])
+    assert not torch.equal(a["0.weight"], fresh["0.weight"])
+
+
+def test_convert_sync_keeps_parameters_and_reverts() -> None:
+    model = _ddp_model()
+    bn = model[1]
+    params = {n: p for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    converted = nk.convert_sync(model)
+    assert isinstance(converted[1], nk.SyncBatchNorm) and converted[4].sync
+    assert converted[1].weight is bn.weight and converted[1].running_mean is bn.running_mean
+    assert {n: p for n, p in converted.named_parameters()}.keys() == params.keys()
+    assert all(p is params[n] for n, p in converted.named_parameters())
+    x = torch.randn(4, 3, 6, 6)
+    # Without a process group the converted model computes what the original did.
+    reference = copy.deepcopy(_ddp_model())
+    torch.testing.assert_close(converted(x), reference(x))
+    converted(x).sum().backward()
+    opt.step()
+    reverted = nk.revert_sync(converted)
+    assert type(reverted[1]) is nn.BatchNorm2d and not reverted[4].sync
+    assert reverted[1].weight is bn.weight
+    assert reverted.state_dict().keys() == reference.state_dict().keys()
+
+
+def test_convert_sync_refuses_unknown_batchnorm_subclasses() -> None:
+    class BNAct(nn.BatchNorm2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(super().forward(x))
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), BNAct(4))
+    with pytest.raises(TypeError, match=r"convert_sync: .*BNAct at '1'.*treat_as_bn"):
+        nk.convert_sync(model)
+    converted = nk.convert_sync(model, treat_as_bn=(BNAct,))
+    assert isinstance(converted[1], nk.SyncBatchNorm)
+    root = nk.convert_sync(nn.BatchNorm1d(3))
+    assert isinstance(root, nk.SyncBatchNorm)
+    assert type(nk.revert_sync(root)) is nn.BatchNorm1d
