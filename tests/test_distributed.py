@@ -255,3 +255,9 @@ def test_convert_sync_refuses_unknown_batchnorm_subclasses() -> None:
     root = nk.convert_sync(nn.BatchNorm1d(3))
     assert isinstance(root, nk.SyncBatchNorm)
     assert type(nk.revert_sync(root)) is nn.BatchNorm1d
+
+
+def test_convert_sync_leaves_frozen_norms_alone() -> None:
+    model = nk.freeze_norm(_ddp_model())
+    converted = nk.convert_sync(model)
+    assert type(converted[1]).__name__ == "FrozenBatchNorm2d" and not converted[4].sync

@@ -9,6 +9,13 @@ from __future__ import annotations
 
 from normkit import functional, models
 from normkit.conditioning import condition, conditional_layers
+from normkit.convert import (
+    ConversionReport,
+    NormChange,
+    convert_norm,
+    freeze_norm,
+    unfreeze_norm,
+)
 from normkit.distributed import convert_sync, revert_sync
 from normkit.fixup import (
     Bias,
@@ -19,6 +26,7 @@ from normkit.fixup import (
     fixup_scale,
     he_normal_fan_out_,
 )
+from normkit.inference import InferenceReport, prepare_for_inference
 from normkit.layers.batch_channel import (
     BatchChannelNorm1d,
     BatchChannelNorm2d,
@@ -75,9 +83,12 @@ __all__ = [
     "CategoricalConditionalBatchNorm1d",
     "CategoricalConditionalBatchNorm2d",
     "CategoricalConditionalBatchNorm3d",
+    "ConversionReport",
     "FixupBlock",
+    "InferenceReport",
     "InputNorm1d",
     "InputNorm2d",
+    "NormChange",
     "SandwichAdaIN",
     "SandwichBatchNorm1d",
     "SandwichBatchNorm2d",
@@ -93,18 +104,22 @@ __all__ = [
     "bn_param_groups",
     "condition",
     "conditional_layers",
+    "convert_norm",
     "convert_sync",
     "create_norm",
     "fixup_init_",
     "fixup_param_groups",
     "fixup_scale",
+    "freeze_norm",
     "functional",
     "get_norm_layer",
     "he_normal_fan_out_",
     "init_bn_scale_",
     "list_norms",
     "models",
+    "prepare_for_inference",
     "register_norm",
     "revert_sync",
+    "unfreeze_norm",
     "weight_standardize_",
 ]

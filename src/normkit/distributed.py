@@ -23,6 +23,7 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normkit.convert import _FrozenNorm
 from normkit.layers.batch_channel import _BatchChannelNorm
 from normkit.layers.core import SyncBatchNorm, _BatchNormCore
 
@@ -72,6 +73,8 @@ def convert_sync(
         model: any module (itself a batch norm, possibly).
         process_group: the group to synchronize over (None: the default group).
         treat_as_bn: ``_BatchNorm`` subclasses to convert as if they were plain batch norms.
+            Norms frozen by :func:`normkit.freeze_norm` are left as they are (they use running
+            statistics).
             Any other subclass with its own ``forward`` (say, a BN fused with an activation)
             is refused with a ``TypeError`` instead of silently losing its extra behaviour, the
             known flaw of ``nn.SyncBatchNorm.convert_sync_batchnorm``.
@@ -86,6 +89,8 @@ def convert_sync(
     """
 
     def make(name: str, module: nn.Module) -> nn.Module | None:
+        if isinstance(module, _FrozenNorm):
+            return None  # frozen norms use running statistics: nothing to synchronize
         if isinstance(module, _NORMKIT_SYNCABLE):
             module.sync = True
             module.process_group = process_group

@@ -209,8 +209,9 @@ _CCBN_DOC = (
 
     A batch norm without affine followed by one of K per-domain affines, stored as
     ``domain_weight`` and ``domain_bias`` of shape ``(num_domains, num_features)``. Statistics and
-    buffers keep ``nn.BatchNorm``'s names, so a BN checkpoint's statistics load (its affine is
-    reported unexpected: CCBN has no shared affine).
+    buffers keep ``nn.BatchNorm``'s names, so a BN checkpoint loads: its statistics into the
+    statistics and, since CCBN has no shared affine, its affine into every domain's affine (when
+    the checkpoint has no ``domain_weight``), so the loaded layer computes the BN for every index.
 """
     + _STATS_DOC
     + r"""
