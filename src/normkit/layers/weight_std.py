@@ -289,6 +289,21 @@ class _WSLayer(_StandardizedWeight):
     def _cache_config(self) -> tuple[object, ...]:
         return (self.eps, self.unbiased, self.eps_mode)
 
+    _plain_cls: type[_ConvNd]
+
+    def forward(self, input: Tensor) -> Tensor:
+        # The convolutions; WSLinear has its own.
+        conv: Any = self
+        out: Tensor = conv._conv_forward(input, self.standardized_weight(), conv.bias)
+        return out
+
+    def _plain_twin(self) -> nn.Module:
+        conv: Any = self
+        return _conv_twin(conv, self._plain_cls)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._ws_repr()}"
+
     def _ws_repr(self) -> str:
         return (
             f"preset={self.preset!r}, eps={self.eps}, unbiased={self.unbiased}, "
@@ -378,14 +393,7 @@ class WSConv1d(_WSLayer, nn.Conv1d):
         )
         self._init_ws(config, preset)
 
-    def forward(self, input: Tensor) -> Tensor:
-        return self._conv_forward(input, self.standardized_weight(), self.bias)
-
-    def _plain_twin(self) -> nn.Module:
-        return _conv_twin(self, nn.Conv1d)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._ws_repr()}"
+    _plain_cls = nn.Conv1d
 
 
 class WSConv2d(_WSLayer, nn.Conv2d):
@@ -466,14 +474,7 @@ class WSConv2d(_WSLayer, nn.Conv2d):
         )
         self._init_ws(config, preset)
 
-    def forward(self, input: Tensor) -> Tensor:
-        return self._conv_forward(input, self.standardized_weight(), self.bias)
-
-    def _plain_twin(self) -> nn.Module:
-        return _conv_twin(self, nn.Conv2d)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._ws_repr()}"
+    _plain_cls = nn.Conv2d
 
 
 class WSConv3d(_WSLayer, nn.Conv3d):
@@ -542,14 +543,7 @@ class WSConv3d(_WSLayer, nn.Conv3d):
         )
         self._init_ws(config, preset)
 
-    def forward(self, input: Tensor) -> Tensor:
-        return self._conv_forward(input, self.standardized_weight(), self.bias)
-
-    def _plain_twin(self) -> nn.Module:
-        return _conv_twin(self, nn.Conv3d)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._ws_repr()}"
+    _plain_cls = nn.Conv3d
 
 
 class WSLinear(_WSLayer, nn.Linear):
@@ -610,9 +604,6 @@ class WSLinear(_WSLayer, nn.Linear):
             device="meta",
             dtype=self.weight.dtype,
         )
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._ws_repr()}"
 
 
 class ScaledWSConv2d(_StandardizedWeight, nn.Conv2d):
