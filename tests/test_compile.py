@@ -1,51 +1,255 @@
-"""The layers trace whole under torch.compile(fullgraph=True) and match eager, buffers included."""
+"""Every public layer is ready for compiled and functional training code.
+
+* ``torch.compile(fullgraph=True)`` traces each layer whole (a graph break is an error) and the
+  compiled layer matches eager over training and eval steps: outputs, input and parameter
+  gradients, and buffers, with an SGD step between calls so that a graph holding stale weights
+  or statistics would be caught. The eager backend runs for every layer; inductor, which
+  functionalizes the buffer updates and generates C++ kernels, for SaBN, BCN and WSConv2d.
+* channels_last input gives channels_last output and gradients equal to those of contiguous input.
+* ``torch.func.functional_call`` runs the layer on replacement parameters and buffers (gradients
+  reach the replacements, running statistics update the replacements, the layer is untouched);
+  ``torch.func.grad`` of such a call equals the autograd gradient.
+
+The layers come from ``tests/layer_table.py``.
+"""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch.func import functional_call
 
-import normkit as nk
+from tests.layer_table import BY_NAME, LAYERS, LayerRecord, layer_params, public_layer_classes
 
-DOMAINS = torch.tensor([0, 1, 2, 0, 1, 2])
-CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[Any, ...]]]] = {
-    "sabn": (lambda: nk.SandwichBatchNorm2d(4, 3), lambda: (torch.randn(6, 4, 3, 3), DOMAINS)),
-    "sabn-split-cumulative": (
-        lambda: nk.SandwichBatchNorm2d(4, 3, split_stats=True, momentum=None),
-        lambda: (torch.randn(6, 4, 3, 3), DOMAINS),
-    ),
-    "auxbn-int": (lambda: nk.AuxBatchNorm2d(4, 3), lambda: (torch.randn(6, 4, 3, 3), 1)),
-    "bcn-estimate": (
-        lambda: nk.BatchChannelNorm2d(4, 2, estimate=True),
-        lambda: (torch.randn(1, 4, 3, 3),),
-    ),
-    "bcn-cumulative": (
-        lambda: nk.BatchChannelNorm2d(4, 2, momentum=None),
-        lambda: (torch.randn(2, 4, 3, 3),),
-    ),
-    "sandwich-adain": (
-        lambda: nk.SandwichAdaIN(4),
-        lambda: (torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)),
-    ),
-}
+# Train twice (buffers move, and the second step reads what the first wrote), then eval twice
+# with an SGD step in between (a compiled eval graph must read the new weights, not constants).
+STEPS = (True, True, False, False)
+LR = 0.1
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_fullgraph_compile_matches_eager(name: str) -> None:
-    build, inputs = CASES[name]
-    torch.manual_seed(0)
-    layer = build()
+@pytest.fixture(autouse=True)
+def _fresh_dynamo() -> Iterator[None]:
+    # Layers of one class share their forward's code object, whose compiled entries would pile
+    # up across tests towards the recompile limit; each test starts from an empty cache.
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _is_float(a: Any) -> bool:
+    return isinstance(a, Tensor) and a.is_floating_point()
+
+
+def _cotangent(out: Tensor) -> Tensor:
+    # Not all ones: a uniform upstream gradient is orthogonal to much of a normalization's
+    # Jacobian (the input gradient of a batch norm under sum() is exactly 0).
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(out.shape, generator=g, dtype=out.dtype)
+
+
+def _forward_backward(layer: nn.Module, args: Sequence[Any]) -> tuple[Tensor, list[Tensor]]:
+    """Output and input gradients of one call; parameter gradients accumulate on ``layer``."""
+    inputs = [a.detach().clone().requires_grad_() if _is_float(a) else a for a in args]
+    out = layer(*inputs)
+    out.backward(_cotangent(out))
+    grads = [a.grad for a in inputs if _is_float(a)]
+    assert all(g is not None for g in grads)
+    return out.detach(), grads
+
+
+def _sgd_step_(layer: nn.Module) -> None:
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.grad is not None:
+                p.sub_(LR * p.grad)
+                p.grad = None
+
+
+def _assert_close(got: Tensor, want: Tensor, what: str, tol: str = "default") -> None:
+    """``tol``: ``"exact"`` (the eager backend runs the very same kernels), ``"scaled"`` (inductor
+    fuses and reorders reductions, so float32 rounding differs by a few ulps of the tensor's
+    largest entries) or ``"default"`` (``torch.testing`` defaults)."""
+    if tol == "exact":
+        kw = {"rtol": 0.0, "atol": 0.0}
+    elif tol == "scaled":
+        kw = {"rtol": 1.3e-6, "atol": 1e-5 * max(1.0, want.abs().max().item())}
+    else:
+        kw = {}
+    torch.testing.assert_close(got, want, **kw, msg=lambda m: f"{what}: {m}")
+
+
+def _assert_same_state(got: nn.Module, want: nn.Module, where: str, tol: str = "default") -> None:
+    for (name, p), q in zip(got.named_parameters(), want.parameters(), strict=True):
+        if q.grad is None:
+            assert p.grad is None, f"{where}: {name} has a gradient, eager has none"
+        else:
+            assert p.grad is not None, f"{where}: {name} has no gradient, eager has one"
+            _assert_close(p.grad, q.grad, f"{where}: {name}.grad", tol)
+    for (name, b), c in zip(got.named_buffers(), want.buffers(), strict=True):
+        _assert_close(b, c, f"{where}: buffer {name}", tol)
+
+
+def _assert_compiled_matches_eager(
+    rec: LayerRecord, kind: str | None, backend: str, tol: str
+) -> None:
+    layer = rec.build()
     eager = copy.deepcopy(layer)
-    compiled = torch.compile(layer, fullgraph=True, backend="eager")
-    for training in (True, True, False):
+    counter = CompileCounterWithBackend(backend)
+    compiled = torch.compile(layer, backend=counter, fullgraph=True)
+    for step, training in enumerate(STEPS):
+        where = f"step {step} ({'train' if training else 'eval'})"
         layer.train(training)
         eager.train(training)
-        args = inputs()
-        torch.testing.assert_close(compiled(*args), eager(*args))
-        for (key, got), want in zip(layer.state_dict().items(), eager.state_dict().values()):
-            torch.testing.assert_close(got, want, msg=key)
+        args = rec.args(kind, seed=step)
+        out, grads = _forward_backward(compiled, args)
+        want_out, want_grads = _forward_backward(eager, args)
+        _assert_close(out, want_out, f"{where}: output", tol)
+        for i, (g, w) in enumerate(zip(grads, want_grads, strict=True)):
+            _assert_close(g, w, f"{where}: grad of input {i}", tol)
+        _assert_same_state(layer, eager, where, tol)
+        _sgd_step_(layer)
+        _sgd_step_(eager)
+    # At most one graph per mode: nothing in forward (a counter, a cumulative factor, an index)
+    # is guarded on by value, which would recompile at every step.
+    assert counter.frame_count <= 2, f"compiled {counter.frame_count} times over {len(STEPS)} steps"
+
+
+def test_every_public_layer_has_a_record() -> None:
+    covered = {rec.cls for rec in LAYERS}
+    missing = public_layer_classes() - covered
+    assert not missing, (
+        f"add records to tests/layer_table.py for {sorted(c.__name__ for c in missing)}"
+    )
+
+
+@pytest.mark.parametrize(("rec", "kind"), layer_params(kinds=["per_sample"]))
+def test_record_says_whether_train_and_eval_differ(rec: LayerRecord, kind: str | None) -> None:
+    layer = rec.build()
+    args = rec.args(kind)
+    with torch.no_grad():
+        eval_out = copy.deepcopy(layer).eval()(*args)
+        train_out = copy.deepcopy(layer).train()(*args)
+    assert torch.equal(train_out, eval_out) != rec.train_eval_differ
+
+
+@pytest.mark.parametrize(("rec", "kind"), layer_params())
+def test_fullgraph_eager_backend_matches_eager(rec: LayerRecord, kind: str | None) -> None:
+    _assert_compiled_matches_eager(rec, kind, "eager", "exact")
+
+
+INDUCTOR_CASES = [
+    pytest.param(BY_NAME["sabn2d"], "per_sample", id="sabn2d-per_sample"),
+    pytest.param(BY_NAME["bcn2d"], None, id="bcn2d"),
+    # The micro-batch estimates are updated in place and then used: inductor once recomputed
+    # them from the mutated buffers in backward (wrong gradients); see _stats.estimate_update_.
+    pytest.param(BY_NAME["bcn2d-estimate"], None, id="bcn2d-estimate"),
+    pytest.param(BY_NAME["wsconv2d"], None, id="wsconv2d"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("rec", "kind"), INDUCTOR_CASES)
+def test_fullgraph_inductor_matches_eager(rec: LayerRecord, kind: str | None) -> None:
+    _assert_compiled_matches_eager(rec, kind, "inductor", "scaled")
+
+
+def _channels_last(a: Any) -> Any:
+    return a.contiguous(memory_format=torch.channels_last) if _is_float(a) else a
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("rec", "kind"), layer_params([r for r in LAYERS if r.is_4d]))
+def test_channels_last_input_keeps_format_and_matches_contiguous(
+    rec: LayerRecord, kind: str | None, training: bool
+) -> None:
+    layer = rec.build().train(training)
+    reference = copy.deepcopy(layer)
+    args = rec.args(kind)
+    out, grads = _forward_backward(layer, [_channels_last(a) for a in args])
+    want_out, want_grads = _forward_backward(reference, args)
+    assert out.is_contiguous(memory_format=torch.channels_last), f"output strides {out.stride()}"
+    torch.testing.assert_close(out, want_out)
+    for g, w in zip(grads, want_grads, strict=True):
+        assert g.is_contiguous(memory_format=torch.channels_last), f"grad strides {g.stride()}"
+        torch.testing.assert_close(g, w)
+    _assert_same_state(layer, reference, "channels_last")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("rec", "kind"), layer_params())
+def test_functional_call_uses_replacement_parameters_and_buffers(
+    rec: LayerRecord, kind: str | None, training: bool
+) -> None:
+    layer = rec.build(seed=0).train(training)
+    # ``donor`` holds the replacement values and computes the expected result the plain way.
+    donor = rec.build(seed=1).train(training)
+    args = rec.args(kind)
+    own_out = None
+    if not training:
+        with torch.no_grad():
+            # A plain call first, so that a layer with an eval cache (WS) holds one.
+            own_out = layer(*args)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    params = {
+        k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in donor.named_parameters()
+    }
+    buffers = {k: v.clone() for k, v in donor.named_buffers()}
+
+    if not training:
+        # Without grad mode, where an eval cache of the layer's own weights would be used.
+        with torch.no_grad():
+            got = functional_call(layer, {**params, **buffers}, args)
+            torch.testing.assert_close(got, donor(*args))
+    out = functional_call(layer, {**params, **buffers}, args)
+    want = donor(*args)
+    torch.testing.assert_close(out, want)
+    cot = _cotangent(out)
+    trainable = [k for k, p in params.items() if p.requires_grad]
+    grads = torch.autograd.grad(out, [params[k] for k in trainable], cot)
+    donor_params = dict(donor.named_parameters())
+    want_grads = torch.autograd.grad(want, [donor_params[k] for k in trainable], cot)
+    for k, g, w in zip(trainable, grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, msg=lambda m, k=k: f"grad of {k}: {m}")
+    for k, b in donor.named_buffers():
+        torch.testing.assert_close(buffers[k], b, msg=lambda m, k=k: f"buffer {k}: {m}")
+
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), f"functional_call changed the layer's own {k}"
+    assert all(p.grad is None for p in layer.parameters())
+    if own_out is not None:
+        # Nothing of the replacements stays behind (a cache keyed on them, say).
+        with torch.no_grad():
+            torch.testing.assert_close(layer(*args), own_out)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("rec", "kind"), layer_params())
+def test_func_grad_of_functional_call_matches_autograd(
+    rec: LayerRecord, kind: str | None, training: bool
+) -> None:
+    layer = rec.build().train(training)
+    reference = copy.deepcopy(layer)
+    args = rec.args(kind)
+    params = {k: v.detach().clone() for k, v in layer.named_parameters() if v.requires_grad}
+    # Buffers are arguments of the transformed function, not captured tensors: torch.func
+    # forbids in-place updates of captured tensors (torch's own BatchNorm included).
+    buffers = {k: v.clone() for k, v in layer.named_buffers()}
+
+    def loss(p: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
+        out = functional_call(layer, {**p, **b}, args)
+        return (out * _cotangent(out)).sum()
+
+    grads = torch.func.grad(loss)(params, buffers)
+    out = reference(*args)
+    (out * _cotangent(out)).sum().backward()
+    for k, p in reference.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[k], p.grad, msg=lambda m, k=k: f"grad of {k}: {m}")
+    for k, b in reference.named_buffers():
+        torch.testing.assert_close(buffers[k], b, msg=lambda m, k=k: f"buffer {k}: {m}")

@@ -340,3 +340,23 @@ def test_half_precision_input_keeps_float32_buffers_and_close_statistics() -> No
             assert low.running_mean.dtype == torch.float32
             torch.testing.assert_close(low.running_mean, ref.running_mean, rtol=0, atol=2e-2)
             torch.testing.assert_close(low.running_var, ref.running_var, rtol=2e-2, atol=2e-2)
+
+
+def test_split_stats_domain_with_one_value_per_channel_leaves_its_buffers_alone() -> None:
+    # No unbiased variance exists for one value; the domain's running variance must not be
+    # pulled towards 0 (nn.BatchNorm refuses such a batch outright).
+    layer = nk.SandwichBatchNorm1d(2, 2, split_stats=True, momentum=0.5)
+    x, domain = torch.randn(3, 2) * 3, torch.tensor([0, 0, 1])
+    for _ in range(5):
+        layer(x, domain)
+    assert torch.equal(layer.running_var[1], torch.ones(2))
+    assert torch.equal(layer.running_mean[1], torch.zeros(2))
+    assert layer.num_batches_tracked.tolist() == [5, 0]
+
+
+def test_vmap_over_batched_per_sample_domains_in_eval() -> None:
+    layer = nk.SandwichBatchNorm2d(4, 3).eval()
+    _randomize(layer)
+    x, domain = torch.randn(2, 6, 4, 3, 3), torch.randint(0, 3, (2, 6))
+    out = torch.func.vmap(layer)(x, domain)
+    torch.testing.assert_close(out[1], layer(x[1], domain[1]))

@@ -111,6 +111,8 @@ def check_index(layer: str, index: int | Tensor, num_domains: int, batch: int) -
         )
     if torch.compiler.is_compiling() or index.numel() == 0:
         return
+    if torch._C._are_functorch_transforms_active():  # vmap and friends forbid reading values
+        return
     if index.device.type == "cpu":
         lo, hi = int(index.min()), int(index.max())
         if lo < 0 or hi >= num_domains:

@@ -31,7 +31,7 @@ def ema_factor(
 
 
 def unbiased_factor(count: int | Tensor) -> float | Tensor:
-    """``M / (M - 1)``; 1 where ``M <= 1`` (no unbiased estimate exists, and no update is made)."""
+    """``M / (M - 1)``; 1 where ``M <= 1`` (no unbiased estimate exists; callers make no update)."""
     if isinstance(count, Tensor):
         c = count if count.is_floating_point() else count.to(torch.float32)
         return torch.where(c > 1, c / (c - 1).clamp_min(1), torch.ones_like(c))
@@ -77,16 +77,18 @@ def track_batch_(
 
     ``count`` is a Python int (one set of statistics) or a tensor with one entry per row of the
     buffers (``()`` for ``(C,)`` buffers, ``(K,)`` for per-domain ``(K, C)`` buffers); rows with
-    no values keep their buffers and their ``num_batches_tracked``.
+    fewer than two values keep their buffers and their ``num_batches_tracked``.
     """
+    # One value per channel has no variance estimate: such a batch (or domain) leaves the
+    # buffers alone, rather than pulling the running variance towards 0.
     if isinstance(count, int):
-        if count == 0:
+        if count <= 1:
             return
         num_batches_tracked.add_(1)
         factor = ema_factor(momentum, num_batches_tracked, running_mean.dtype)
         update_running_(running_mean, running_var, mean, var * unbiased_factor(count), factor)
         return
-    present = count > 0
+    present = count > 1
     num_batches_tracked.add_(present.to(num_batches_tracked.dtype))
     factor = ema_factor(momentum, num_batches_tracked, running_mean.dtype)
     correction = unbiased_factor(count)
@@ -97,6 +99,45 @@ def track_batch_(
         if isinstance(factor, Tensor):
             factor = factor.unsqueeze(-1)
     update_running_(running_mean, running_var, mean, var * correction, factor, mask=present)
+
+
+@torch.library.custom_op("normkit::estimate_update_", mutates_args=("running_mean", "running_var"))
+def estimate_update_(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    rate: float,
+    present: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """``running ← (1 − rate) · running + rate · batch`` where ``present``; returns the new values.
+
+    An opaque op on purpose: a layer that normalizes with estimates it has just updated in place
+    (BCN's micro-batch mode) must use the returned values, which the compiled backward then saves.
+    Without this, inductor's backward may recompute them from the mutated buffers and produce
+    wrong gradients (pytorch/pytorch PR #197039 tracks the underlying bug).
+    """
+    new_mean = torch.where(
+        present, torch.lerp(running_mean, mean.to(running_mean.dtype), rate), running_mean
+    )
+    new_var = torch.where(
+        present, torch.lerp(running_var, var.to(running_var.dtype), rate), running_var
+    )
+    running_mean.copy_(new_mean)
+    running_var.copy_(new_var)
+    return new_mean, new_var
+
+
+@estimate_update_.register_fake
+def _(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    rate: float,
+    present: Tensor,
+) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(running_mean), torch.empty_like(running_var)
 
 
 def world_size(group: Any = None) -> int:

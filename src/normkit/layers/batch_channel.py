@@ -26,9 +26,9 @@ from normkit._checks import (
 )
 from normkit._stats import (
     all_reduce_sum_,
+    estimate_update_,
     sync_moments,
     track_batch_,
-    update_running_,
     world_size,
 )
 
@@ -174,7 +174,7 @@ class _BatchChannelNorm(_BatchNorm):
         if self.estimate:
             assert self.running_mean is not None and self.running_var is not None
             if self.training:
-                self._update_estimates(m, q, syncing)
+                return self._update_estimates(m, q, syncing)
             # Copies (C values each): the next training forward updates the buffers in place,
             # which must not invalidate this forward's graph (micro-batch gradient accumulation
             # runs several forwards before one backward).
@@ -200,7 +200,8 @@ class _BatchChannelNorm(_BatchNorm):
         return mean, var
 
     @torch.no_grad()
-    def _update_estimates(self, m: Tensor, q: Tensor, syncing: bool) -> None:
+    def _update_estimates(self, m: Tensor, q: Tensor, syncing: bool) -> tuple[Tensor, Tensor]:
+        """Update the estimates in place; return their new values (for this forward to use)."""
         # The variance is centred on the previous mean estimate, not on the batch mean, as in
         # the authors' estimated-statistics BN; it is stored biased.
         assert self.running_mean is not None and self.running_var is not None
@@ -208,10 +209,10 @@ class _BatchChannelNorm(_BatchNorm):
         old_mean = self.running_mean.to(m.dtype)
         if not syncing:
             if m.shape[0] == 0:
-                return
+                return self.running_mean.clone(), self.running_var.clone()
             batch_mean = m.mean(dim=0)
             batch_var = (q + (m - old_mean).square()).mean(dim=0)
-            present: bool | Tensor = True
+            present = torch.ones((), dtype=torch.bool, device=m.device)
         else:
             # Sums over every rank's samples (equal spatial sizes), in one all-reduce.
             sums = torch.stack(
@@ -225,15 +226,11 @@ class _BatchChannelNorm(_BatchNorm):
             n = sums[0].clamp_min(1)
             batch_mean, batch_var = (sums[1] / n).to(m.dtype), (sums[2] / n).to(m.dtype)
             present = sums[0][0] > 0
-        rate = self.estimate_rate
-        if isinstance(present, Tensor):
-            update_running_(
-                self.running_mean, self.running_var, batch_mean, batch_var, rate, mask=present
-            )
-            self.num_batches_tracked.add_(present.to(self.num_batches_tracked.dtype))
-        else:
-            update_running_(self.running_mean, self.running_var, batch_mean, batch_var, rate)
-            self.num_batches_tracked.add_(1)
+        self.num_batches_tracked.add_(present.to(self.num_batches_tracked.dtype))
+        new_mean, new_var = estimate_update_(
+            self.running_mean, self.running_var, batch_mean, batch_var, self.estimate_rate, present
+        )
+        return new_mean, new_var
 
 
 _BCN_DOC = r"""Batch-Channel Normalization (BCN; Qiao et al. 2019, "Micro-Batch Training with
