@@ -119,3 +119,29 @@ def test_root_ws_layer_is_baked() -> None:
     assert type(prepared) is nn.Conv2d and report.baked == [""]
     x = torch.randn(1, 3, 5, 5)
     torch.testing.assert_close(prepared(x), conv(x))
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_prepared_resnet_mixing_ws_bn_sabn_and_bcn_equals_the_eval_model(
+    dtype: torch.dtype,
+) -> None:
+    torch.manual_seed(0)
+    model = resnet20()
+    nk.convert_norm(model.layer1, "sabn", num_domains=3)
+    nk.convert_norm(model.layer2, "bcn", num_groups=4)
+    model = nk.weight_standardize_(model).to(dtype)
+    kinds = {type(m) for m in model.modules()}
+    assert {nn.BatchNorm2d, nk.SandwichBatchNorm2d, nk.BatchChannelNorm2d, nk.WSConv2d} <= kinds
+    for _ in range(3):
+        with nk.condition(model, torch.arange(8) % 3):
+            model(torch.randn(8, 3, 8, 8, dtype=dtype) * 2 + 1)
+    model.eval()
+    x = torch.randn(4, 3, 8, 8, dtype=dtype)
+    with torch.no_grad(), nk.condition(model, 1):
+        want = model(x)
+    prepared, report = nk.prepare_for_inference(model, domain=1)
+    assert len(report.folded) == 19 and report.kept == []
+    with torch.no_grad():
+        got = prepared(x)
+    err = (got - want).abs().max() / want.abs().max()
+    assert err < (1e-12 if dtype == F64 else 1e-5), err.item()
