@@ -51,14 +51,20 @@ def update_running_(
 
     ``mask`` broadcasts against the buffers (a ``(K, 1)`` mask of present domains, say).
     ``factor`` may be a tensor broadcasting the same way (one cumulative factor per domain).
+
+    Non-finite statistics (from NaN or Inf in the input) are never written: a channel whose
+    batch mean or variance is not finite keeps its running values. Checking costs no host sync,
+    so forward stays compile-friendly; the non-finite output itself still shows the problem.
     """
     if isinstance(factor, Tensor):
         factor = factor.to(running_mean.dtype)
-    new_mean = torch.lerp(running_mean, mean.detach().to(running_mean.dtype), factor)
-    new_var = torch.lerp(running_var, var_unbiased.detach().to(running_var.dtype), factor)
-    if mask is not None:
-        new_mean = torch.where(mask, new_mean, running_mean)
-        new_var = torch.where(mask, new_var, running_var)
+    mean, var_unbiased = mean.detach(), var_unbiased.detach()
+    finite = torch.isfinite(mean) & torch.isfinite(var_unbiased)
+    mask = finite if mask is None else mask & finite
+    new_mean = torch.lerp(running_mean, mean.to(running_mean.dtype), factor)
+    new_var = torch.lerp(running_var, var_unbiased.to(running_var.dtype), factor)
+    new_mean = torch.where(mask, new_mean, running_mean)
+    new_var = torch.where(mask, new_var, running_var)
     running_mean.copy_(new_mean)
     running_var.copy_(new_var)
 
@@ -117,12 +123,11 @@ def estimate_update_(
     Without this, inductor's backward may recompute them from the mutated buffers and produce
     wrong gradients (pytorch/pytorch PR #197039 tracks the underlying bug).
     """
-    new_mean = torch.where(
-        present, torch.lerp(running_mean, mean.to(running_mean.dtype), rate), running_mean
-    )
-    new_var = torch.where(
-        present, torch.lerp(running_var, var.to(running_var.dtype), rate), running_var
-    )
+    keep = present & torch.isfinite(mean) & torch.isfinite(var)  # never store NaN or Inf
+    new_mean = torch.lerp(running_mean, mean.to(running_mean.dtype), rate)
+    new_var = torch.lerp(running_var, var.to(running_var.dtype), rate)
+    new_mean = torch.where(keep, new_mean, running_mean)
+    new_var = torch.where(keep, new_var, running_var)
     running_mean.copy_(new_mean)
     running_var.copy_(new_var)
     return new_mean, new_var
