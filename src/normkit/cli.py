@@ -124,7 +124,9 @@ def _studies_help() -> str:
                 continue
             if isinstance(value, list):
                 shown = ",".join(map(str, value))
-            elif isinstance(value, (dict, type(None))):
+            elif value is None:
+                shown = "(all)" if key.endswith("size") else "(none)"
+            elif isinstance(value, dict):
                 shown = json.dumps(value)
             else:
                 shown = str(value)
