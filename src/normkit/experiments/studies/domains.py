@@ -372,12 +372,12 @@ def _by_method(results: Mapping[str, Any]) -> dict[str, list[Mapping[str, Any]]]
 
 def _mean_std(values: Sequence[float | None]) -> tuple[float, float]:
     """Mean and sample std of the finite values (a diverged run stores ``None``); NaN if none."""
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    n = len(values)
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    n = len(finite)
     if n == 0:
         return math.nan, 0.0
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    mean = sum(finite) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (n - 1)) if n > 1 else 0.0
     return mean, std
 
 
