@@ -397,6 +397,10 @@ def test_aggregate() -> None:
     assert stats.aggregate([4.0])["std"] == 0.0
     empty = stats.aggregate([None, float("inf")])
     assert empty["mean"] is None and empty["n_missing"] == 2
+    # Diverged losses near the float limit: no OverflowError, the spread overflows to None.
+    huge = stats.aggregate([1.7e308, -1.7e308])
+    assert huge["mean"] == 0.0 and huge["std"] is None
+    assert stats.aggregate([1e200, 3e200])["std"] == pytest.approx(math.sqrt(2) * 1e200)
     curves = stats.aggregate_curves([[1.0, 2.0], [3.0]])
     assert curves["mean"] == [2.0, 2.0] and curves["std"] == [pytest.approx(math.sqrt(2)), 0.0]
 

@@ -51,11 +51,21 @@ def aggregate(values: Sequence[float | None]) -> dict[str, Any]:
     clean = [finite_or_none(v) for v in values]
     finite = [v for v in clean if v is not None]
     n = len(finite)
-    mean = math.fsum(finite) / n if n else None
-    if n >= 2 and mean is not None:
-        std: float | None = math.sqrt(math.fsum((v - mean) ** 2 for v in finite) / (n - 1))
-    else:
-        std = 0.0 if n == 1 else None
+    mean: float | None = None
+    std: float | None = None
+    if n:
+        # Diverged runs can report losses near the float limit: work in units of the largest
+        # magnitude so that neither the sum nor the squares overflow.
+        largest = max(abs(v) for v in finite)
+        unit = largest if largest > 1e150 else 1.0
+        scaled = [v / unit for v in finite]
+        mean_u = math.fsum(scaled) / n
+        mean = mean_u * unit
+        std = 0.0
+        if n >= 2:
+            std = finite_or_none(
+                math.sqrt(math.fsum((v - mean_u) ** 2 for v in scaled) / (n - 1)) * unit
+            )
     return {"mean": mean, "std": std, "n": n, "n_missing": len(clean) - n, "values": clean}
 
 
