@@ -45,7 +45,13 @@ def test_names_fold_case_and_separators() -> None:
 
 
 def test_unknown_name_lists_the_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"create_norm: unknown norm 'nope'; known norms: .*sabn"):
+    with pytest.raises(
+        ValueError,
+        match=(
+            r"create_norm: expected a registered norm name, got unknown norm 'nope'; "
+            r"known norms: .*sabn"
+        ),
+    ):
         nk.create_norm("nope", 8)
     with pytest.raises(TypeError, match="expected a norm name"):
         nk.create_norm(3, 8)  # type: ignore[arg-type]

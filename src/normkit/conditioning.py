@@ -30,7 +30,13 @@ __all__ = ["condition", "conditional_layers"]
 
 def conditional_layers(model: nn.Module) -> list[nn.Module]:
     """The layers of ``model`` (itself included) that take a domain index, each once."""
+    _check_model("conditional_layers", model)
     return [m for m in model.modules() if getattr(type(m), "takes_domain", False)]
+
+
+def _check_model(where: str, model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: expected an nn.Module, got {type(model).__name__}")
 
 
 def _check_domain(domain: int | Tensor) -> None:
@@ -72,6 +78,7 @@ def condition(model: nn.Module, domain: int | Tensor) -> Iterator[nn.Module]:
         >>> with normkit.condition(model, torch.tensor([0, 2])):
         ...     out = model(torch.randn(2, 3, 8, 8))
     """
+    _check_model("condition", model)
     _check_domain(domain)
     layers = conditional_layers(model)
     if not layers:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normkit._checks import check_flags
 from normkit.layers import batch_channel, revisited, sandwich
 from normkit.layers.weight_std import _exclusion_rule
 
@@ -349,9 +350,10 @@ def convert_norm(
     if not isinstance(model, nn.Module):
         raise TypeError(f"{where}: expected an nn.Module, got {type(model).__name__}")
     family, named_dim = _resolve_target(to)
+    check_flags(where, include_groupnorm=include_groupnorm, strict=strict)
     if default_dim is None:
         default_dim = named_dim if named_dim is not None else 2
-    if default_dim not in (1, 2, 3):
+    if type(default_dim) is not int or default_dim not in (1, 2, 3):
         raise ValueError(f"{where}: expected default_dim in (1, 2, 3), got {default_dim!r}")
     taken = sorted({"num_features", "device", "dtype"} & kwargs.keys())
     if taken:
@@ -575,7 +577,12 @@ def _build(
         if old in state:
             state[new_key] = state.pop(old)
     _match_buffer_dtypes(source, new)
-    result = new.load_state_dict(state, strict=False)
+    try:
+        result = new.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that do not fit: a treat_as_bn class that is no norm
+        raise ValueError(
+            f"{where}: cannot carry the state of {label} into {cls.__name__}: {e}"
+        ) from e
     fresh = tuple(result.missing_keys)
 
     frozen = [n for n, p in source.named_parameters(recurse=False) if not p.requires_grad]
@@ -705,7 +712,9 @@ def freeze_norm(
     freezing one only stops its affine from training.
 
     Freezing is idempotent; :func:`unfreeze_norm` undoes it exactly. Frozen models deep-copy and
-    pickle. :func:`convert_norm` leaves frozen layers alone.
+    pickle. :func:`convert_norm` leaves frozen layers alone. A model without any such norm
+    (frozen or not) is returned unchanged with a ``UserWarning``: the call has no effect, which
+    is rarely what was meant (a group-norm model needs ``include_groupnorm=True``).
 
     Args:
         model: any module, possibly itself a norm layer.
@@ -735,6 +744,7 @@ def freeze_norm(
     where = "freeze_norm"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{where}: expected an nn.Module, got {type(model).__name__}")
+    check_flags(where, include_groupnorm=include_groupnorm, freeze_affine=freeze_affine)
     names_of: dict[int, list[str]] = {}
     modules: dict[int, nn.Module] = {}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -747,6 +757,13 @@ def freeze_norm(
 
     todo: list[nn.Module] = []
     stateless: list[str] = []
+    if not any(isinstance(module, kinds) for module in modules.values()):
+        looked = "batch norms" + (" or group norms" if include_groupnorm else "")
+        warnings.warn(
+            f"{where}: expected a model with {looked}, got a {type(model).__name__} with none; "
+            "nothing was frozen",
+            stacklevel=2,
+        )
     for key, module in modules.items():
         if not isinstance(module, kinds) or isinstance(module, _FrozenNorm):
             continue

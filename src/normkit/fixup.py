@@ -46,7 +46,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from normkit._checks import check_count
+from normkit._checks import check_count, check_dtype, check_float_input, check_nonnegative
 
 __all__ = [
     "Bias",
@@ -82,6 +82,7 @@ class Bias(nn.Module):
         self, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> None:
         super().__init__()
+        check_dtype(type(self).__name__, dtype)
         self.bias = nn.Parameter(torch.empty(1, device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -89,7 +90,9 @@ class Bias(nn.Module):
         nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.bias.to(x.dtype)
+        # An integer input would get a truncated bias.
+        check_float_input(type(self).__name__, x)
+        return x + self.bias.to(x.dtype).reshape(())  # a scalar: the output has x's shape
 
 
 class Scale(nn.Module):
@@ -115,6 +118,7 @@ class Scale(nn.Module):
         self, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> None:
         super().__init__()
+        check_dtype(type(self).__name__, dtype)
         self.weight = nn.Parameter(torch.empty(1, device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -122,7 +126,8 @@ class Scale(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.weight.to(x.dtype)
+        check_float_input(type(self).__name__, x)  # an integer input would get a truncated scale
+        return x * self.weight.to(x.dtype).reshape(())  # a scalar: the output has x's shape
 
 
 @runtime_checkable
@@ -176,6 +181,7 @@ def he_normal_fan_out_(layer: ModuleT, scale: float = 1.0) -> ModuleT:
     ResNets' 1x1 shortcut convolutions. Returns ``layer``.
     """
     weight = _weight_of("he_normal_fan_out_", layer)
+    check_nonnegative("he_normal_fan_out_", "scale", scale)
     fan_out = weight.shape[0] * weight[0][0].numel()
     std = scale * math.sqrt(2.0 / fan_out)
     with torch.no_grad():
@@ -229,6 +235,8 @@ def fixup_init_(model: ModuleT, num_branches: int | None = None, m: int | None =
         >>> bool((net[0].fc2.weight == 0).all())
         True
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fixup_init_: expected an nn.Module, got {type(model).__name__}")
     blocks = [mod for mod in model.modules() if isinstance(mod, FixupBlock)]
     if not blocks:
         raise ValueError(
@@ -262,6 +270,8 @@ def _check_nonnegative(name: str, value: float) -> None:
         raise TypeError(f"fixup_param_groups: expected {name} to be a number, got {value!r}")
     if not value >= 0:
         raise ValueError(f"fixup_param_groups: expected {name} >= 0, got {value}")
+    if not math.isfinite(value):
+        raise ValueError(f"fixup_param_groups: expected a finite {name} >= 0, got {value}")
 
 
 def fixup_param_groups(
@@ -312,6 +322,8 @@ def fixup_param_groups(
         scalar_weight_decay: weight decay of the scalars (>= 0).
         weight_decay: weight decay of everything else (>= 0).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fixup_param_groups: expected an nn.Module, got {type(model).__name__}")
     _check_nonnegative("lr", lr)
     _check_nonnegative("scalar_lr_mult", scalar_lr_mult)
     _check_nonnegative("scalar_weight_decay", scalar_weight_decay)

@@ -15,6 +15,8 @@ Conventions used throughout:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -43,6 +45,15 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
 def _upcast(x: Tensor) -> Tensor:
     target = stats_dtype(x.dtype)
     return x if x.dtype == target else x.to(target)
+
+
+def _no_autocast(t: Tensor) -> contextlib.AbstractContextManager[None]:
+    """Autocast off on ``t``'s device, where it is on: autocast runs matmuls in half precision,
+    which would round float32 statistics to 8 (bfloat16) or 11 (float16) significant bits."""
+    device = t.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
 
 
 def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -90,6 +101,9 @@ def merge_sample_moments(m: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
     ``mean_c = mean_n m[n, c]`` and ``var_c = mean_n (q[n, c] + (m[n, c] - mean_c)^2)``, which
     equals the biased variance over ``(N, *spatial)``.
     """
+    if m.shape[0] == 0:  # no samples: zeros in the graph, as in batch_moments (not NaN)
+        zeros = m.sum(dim=0)
+        return zeros, zeros.clone()
     mean = m.mean(dim=0)
     var = (q + (m - mean).square()).mean(dim=0)
     return mean, var.clamp_min(0)
@@ -109,14 +123,23 @@ def domain_moments(
         ``(mean, var, count)``: ``mean`` and ``var`` of shape ``(K, C)`` (biased, over the
         samples of each domain and their spatial positions; 0 and 0 for a domain absent from
         the batch), and ``count`` of shape ``(K,)``, the number of samples of each domain.
+        A (domain, channel) with a non-finite sample value has NaN moments; the other domains
+        keep theirs.
     """
     onehot = torch.nn.functional.one_hot(index, num_domains).to(m.dtype)  # (N, K)
     count = onehot.sum(dim=0)  # (K,)
     denom = count.clamp_min(1).unsqueeze(1)
-    mean = (onehot.t() @ m) / denom
-    dev = m - mean.index_select(0, index)
-    var = (onehot.t() @ (q + dev.square())) / denom
-    return mean, var.clamp_min(0), count
+    # The one-hot product would spread a NaN or Inf to every domain (0 · NaN = NaN): sum the
+    # finite values only, then mark the (domain, channel) pairs that had another one.
+    bad = ~(torch.isfinite(m) & torch.isfinite(q))
+    m, q = torch.where(bad, 0.0, m), torch.where(bad, 0.0, q)
+    with _no_autocast(m):
+        mean = (onehot.t() @ m) / denom
+        dev = m - mean.index_select(0, index)
+        var = (onehot.t() @ (q + dev.square())) / denom
+        spoiled = (onehot.t() @ bad.to(m.dtype)) > 0
+    nan = torch.full_like(mean, float("nan"))
+    return torch.where(spoiled, nan, mean), torch.where(spoiled, nan, var.clamp_min(0)), count
 
 
 def group_moments(

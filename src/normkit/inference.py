@@ -192,13 +192,24 @@ def prepare_for_inference(
         inplace: modify ``model`` itself instead of a deep copy.
 
     Returns:
-        ``(prepared, report)``; ``prepared`` is in eval mode with ``requires_grad`` kept.
+        ``(prepared, report)``; ``prepared`` is in eval mode with ``requires_grad`` kept. A model
+        with nothing to bake or fold is still a valid input (no warning): the result is its eval
+        copy and the report lists no change.
+
+    Raises:
+        TypeError: ``domain`` is not an int (a tensor index cannot be folded).
+        ValueError: ``domain`` outside ``[0, num_domains)`` of a conditional layer (a negative
+            index would otherwise pick a domain from the end).
 
     Example::
 
         >>> prepared, report = normkit.prepare_for_inference(model)
         >>> torch.onnx.export(prepared, (x,), "model.onnx")
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prepare_for_inference: expected an nn.Module, got {type(model).__name__}")
+    if domain is not None:
+        _check_domain(model, domain)
     if not inplace:
         model = copy.deepcopy(model)
     model = revert_sync(model).eval()
@@ -255,6 +266,21 @@ def prepare_for_inference(
             # Conditional layers left unfolded run for the chosen domain without a context.
             module.context_domain = domain
     return model.eval(), report
+
+
+def _check_domain(model: nn.Module, domain: Any) -> None:
+    where = "prepare_for_inference"
+    if isinstance(domain, bool) or not isinstance(domain, int):
+        raise TypeError(f"{where}: expected domain to be an int or None, got {domain!r}")
+    for name, module in model.named_modules():
+        k = getattr(module, "num_domains", None)
+        if not getattr(type(module), "takes_domain", False) or not isinstance(k, int):
+            continue
+        if not 0 <= domain < k:
+            raise ValueError(
+                f"{where}: expected a domain in [0, {k}) for {name or '<root>'!r} "
+                f"({type(module).__name__}), got {domain}"
+            )
 
 
 def _shared_ids(model: nn.Module) -> set[int]:

@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from normkit._checks import check_count, check_dtype, check_flags
 from normkit.layers import batch_channel, revisited, sandwich
 
 __all__ = ["NormFactory", "create_norm", "get_norm_layer", "list_norms", "register_norm"]
@@ -43,6 +44,9 @@ def register_norm(name: str, factory: NormFactory | None = None, *, overwrite: b
     ``overwrite=True``.
     """
 
+    if not isinstance(name, str):
+        raise TypeError(f"register_norm: expected a name (str), got {type(name).__name__}")
+
     def add(f: NormFactory) -> NormFactory:
         if not callable(f):
             raise TypeError(f"register_norm: expected a callable factory, got {f!r}")
@@ -51,8 +55,8 @@ def register_norm(name: str, factory: NormFactory | None = None, *, overwrite: b
             raise ValueError(f"register_norm: expected a non-empty name, got {name!r}")
         if key in _REGISTRY and not overwrite:
             raise ValueError(
-                f"register_norm: the name {name!r} is taken (by {_CANONICAL[key]!r}); pass "
-                "overwrite=True to replace it"
+                f"register_norm: expected a free name, got {name!r}, which is taken (by "
+                f"{_CANONICAL[key]!r}); pass overwrite=True to replace it"
             )
         _REGISTRY[key] = f
         _CANONICAL[key] = name
@@ -73,7 +77,10 @@ def _lookup(name: str, caller: str) -> NormFactory:
         raise TypeError(f"{caller}: expected a norm name (str), got {type(name).__name__}")
     factory = _REGISTRY.get(_key(name))
     if factory is None:
-        raise ValueError(f"{caller}: unknown norm {name!r}; known norms: {', '.join(list_norms())}")
+        raise ValueError(
+            f"{caller}: expected a registered norm name, got unknown norm {name!r}; known norms: "
+            f"{', '.join(list_norms())}"
+        )
     return factory
 
 
@@ -85,7 +92,23 @@ def create_norm(name: str, num_features: int, **kwargs: Any) -> nn.Module:
         >>> normkit.create_norm("sabn-split", 64, num_domains=3)
         SandwichBatchNorm2d(64, num_domains=3, ..., split_stats=True, ...)
     """
-    return _lookup(name, "create_norm")(num_features, **kwargs)
+    return _build(
+        _lookup(name, "create_norm"), f"create_norm: cannot build {name!r}", num_features, kwargs
+    )
+
+
+def _build(factory: NormFactory, what: str, num_features: int, kwargs: dict[str, Any]) -> nn.Module:
+    # A missing or unknown keyword fails inside the factory with a message that names a private
+    # class (or nothing): say which registry call it was, keeping the factory's own message.
+    try:
+        return factory(num_features, **kwargs)
+    except (TypeError, ValueError) as e:
+        kind = TypeError if isinstance(e, TypeError) else ValueError
+        args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+        raise kind(
+            f"{what}: expected arguments its factory accepts, got num_features={num_features!r}"
+            f"{args}: {e}"
+        ) from e
 
 
 class _NormLayer:
@@ -97,7 +120,12 @@ class _NormLayer:
         self.kwargs = kwargs
 
     def __call__(self, num_features: int, **kwargs: Any) -> nn.Module:
-        return self.factory(num_features, **{**self.kwargs, **kwargs})
+        return _build(
+            self.factory,
+            f"get_norm_layer: {self!r} cannot build",
+            num_features,
+            {**self.kwargs, **kwargs},
+        )
 
     def __repr__(self) -> str:
         args = "".join(f", {k}={v!r}" for k, v in self.kwargs.items())
@@ -129,9 +157,35 @@ def get_norm_layer(name_or_callable: str | NormFactory, **kwargs: Any) -> _NormL
     return _NormLayer(factory, label, kwargs)
 
 
+def _check_torch_options(layer: str, kwargs: dict[str, Any]) -> None:
+    # torch's norms test their flags for truth (a tensor flag fails with a RuntimeError) and
+    # give their dtype to torch.empty (an integer dtype fails with a RuntimeError).
+    flags = ("affine", "track_running_stats", "elementwise_affine", "bias")
+    check_flags(layer, **{k: v for k, v in kwargs.items() if k in flags})
+    check_dtype(layer, kwargs.get("dtype"))
+
+
+def _torch_norm(cls: type[nn.Module], num_features: int, *args: Any, **kwargs: Any) -> nn.Module:
+    # torch's norms take a negative size to torch.empty, which fails with a RuntimeError.
+    check_count(cls.__name__, "num_features", num_features)
+    _check_torch_options(cls.__name__, kwargs)
+    return cls(num_features, *args, **kwargs)
+
+
+def _layer_norm(normalized_shape: int | list[int], **kwargs: Any) -> nn.LayerNorm:
+    sizes = normalized_shape if isinstance(normalized_shape, (tuple, list)) else [normalized_shape]
+    for size in sizes:
+        check_count("LayerNorm", "normalized_shape", size)
+    _check_torch_options("LayerNorm", kwargs)
+    return nn.LayerNorm(normalized_shape, **kwargs)
+
+
 def _group_norm(num_features: int, num_groups: int = 32, **kwargs: Any) -> nn.GroupNorm:
     # GroupNorm takes the group count first; normkit's factories take the channel count first.
-    if num_groups <= 0 or num_features % num_groups != 0:
+    check_count("GroupNorm", "num_features", num_features)
+    check_count("GroupNorm", "num_groups", num_groups)
+    _check_torch_options("GroupNorm", kwargs)
+    if num_features % num_groups != 0:
         raise ValueError(
             f"GroupNorm: expected num_groups to divide num_features={num_features}, got "
             f"num_groups={num_groups}"
@@ -141,7 +195,11 @@ def _group_norm(num_features: int, num_groups: int = 32, **kwargs: Any) -> nn.Gr
 
 def _register_builtins() -> None:
     families: dict[str, dict[str, NormFactory]] = {
-        "bn": {"1d": nn.BatchNorm1d, "2d": nn.BatchNorm2d, "3d": nn.BatchNorm3d},
+        "bn": {
+            "1d": functools.partial(_torch_norm, nn.BatchNorm1d),
+            "2d": functools.partial(_torch_norm, nn.BatchNorm2d),
+            "3d": functools.partial(_torch_norm, nn.BatchNorm3d),
+        },
         "sabn": {
             "1d": sandwich.SandwichBatchNorm1d,
             "2d": sandwich.SandwichBatchNorm2d,
@@ -181,9 +239,9 @@ def _register_builtins() -> None:
             register_norm(f"{name}-{dim}", functools.partial(cls, **bound))
     register_norm("gn", _group_norm)
     register_norm("groupnorm", _group_norm)
-    register_norm("batchnorm", nn.BatchNorm2d)
-    register_norm("in", nn.InstanceNorm2d)
-    register_norm("ln", nn.LayerNorm)
+    register_norm("batchnorm", functools.partial(_torch_norm, nn.BatchNorm2d))
+    register_norm("in", functools.partial(_torch_norm, nn.InstanceNorm2d))
+    register_norm("ln", _layer_norm)
 
 
 _register_builtins()

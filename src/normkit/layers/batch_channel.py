@@ -20,6 +20,8 @@ from normkit import functional as F
 from normkit._checks import (
     check_batch_values,
     check_count,
+    check_dtype,
+    check_flags,
     check_input,
     check_momentum,
     check_positive,
@@ -29,6 +31,7 @@ from normkit._stats import (
     estimate_update_,
     sync_moments,
     track_batch_,
+    verify_peers,
     world_size,
 )
 
@@ -86,6 +89,8 @@ class _BatchChannelNorm(_BatchNorm):
             raise ValueError(
                 f"{name}: expected group_affine in {_GROUP_AFFINES}, got {group_affine!r}"
             )
+        check_flags(name, affine=affine, track_running_stats=track_running_stats, estimate=estimate)
+        check_dtype(name, dtype)
         if estimate and not track_running_stats:
             raise ValueError(
                 f"{name}: expected track_running_stats=True with estimate=True (the estimates "
@@ -133,6 +138,14 @@ class _BatchChannelNorm(_BatchNorm):
         name = type(self).__name__
         check_input(name, input, self._ranks, self.num_features)
         syncing = self._syncing()
+        if syncing:
+            # Once per layer: every rank must hold this very layer (see verify_peers).
+            fields = {
+                "num_features": self.num_features,
+                "num_groups": self.num_groups,
+                "estimate": int(self.estimate),
+            }
+            verify_peers(self, name, fields, input.device, self.process_group)
         if self.training and not self.estimate and not syncing:
             check_batch_values(name, input)
         m, q = F.sample_moments(input)
@@ -185,7 +198,8 @@ class _BatchChannelNorm(_BatchNorm):
         mean, var = F.merge_sample_moments(m, q)
         count: int | Tensor = x.numel() // x.shape[1]
         if syncing:
-            mean, var, count = sync_moments(mean, var, count, self.process_group)
+            name = type(self).__name__
+            mean, var, count = sync_moments(mean, var, count, self.process_group, name)
         if self.training and self.running_mean is not None:
             assert self.running_var is not None and self.num_batches_tracked is not None
             track_batch_(
@@ -222,7 +236,7 @@ class _BatchChannelNorm(_BatchNorm):
                     (q + (m - old_mean).square()).sum(dim=0),
                 ]
             ).double()
-            all_reduce_sum_(sums, self.process_group)
+            all_reduce_sum_(sums, self.process_group, type(self).__name__)
             n = sums[0].clamp_min(1)
             batch_mean, batch_var = (sums[1] / n).to(m.dtype), (sums[2] / n).to(m.dtype)
             present = sums[0][0] > 0

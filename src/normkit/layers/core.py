@@ -19,12 +19,15 @@ from normkit import functional as F
 from normkit._checks import (
     check_batch_values,
     check_count,
+    check_dtype,
+    check_flags,
     check_index,
     check_input,
     check_momentum,
+    check_nonnegative,
     check_positive,
 )
-from normkit._stats import sync_moments, track_batch_, world_size
+from normkit._stats import sync_moments, track_batch_, verify_peers, world_size
 
 __all__ = ["DomainIndex", "SyncBatchNorm"]
 
@@ -81,11 +84,16 @@ class _BatchNormCore(_BatchNorm):
         check_count(name, "num_domains", num_domains)
         check_positive(name, "eps", eps)
         check_momentum(name, momentum)
-        if domain_std < 0 or shared_std < 0:
-            raise ValueError(
-                f"{name}: expected domain_std >= 0 and shared_std >= 0, got {domain_std} and "
-                f"{shared_std}"
-            )
+        check_nonnegative(name, "domain_std", domain_std)
+        check_nonnegative(name, "shared_std", shared_std)
+        check_flags(
+            name,
+            affine=affine,
+            track_running_stats=track_running_stats,
+            split_stats=split_stats,
+            domain_affine=domain_affine,
+        )
+        check_dtype(name, dtype)
         factory = {"device": device, "dtype": dtype}
         self.num_domains = num_domains
         self.split_stats = split_stats
@@ -153,10 +161,15 @@ class _BatchNormCore(_BatchNorm):
             t = state_dict.get(prefix + "num_batches_tracked")
             if isinstance(t, Tensor) and t.dim() == 0:
                 state_dict[prefix + "num_batches_tracked"] = t.expand(k).clone()
+            # Version 1 (torch's BN before num_batches_tracked existed): the count is missing and
+            # the layer keeps its own, as torch's migration does for a (C,) layer (``_version``
+            # is _BatchNorm's, 2; normkit's layouts have not changed since).
             version = local_metadata.get("version")
             key = prefix + "num_batches_tracked"
             if (version is None or version < 2) and key not in state_dict:
-                state_dict[key] = torch.zeros(k, dtype=torch.long)
+                own = self.num_batches_tracked
+                usable = own is not None and own.device.type != "meta"
+                state_dict[key] = own if usable else torch.zeros(k, dtype=torch.long)
         has_domain = self.domain_weight is not None
         if not self.affine and has_domain and prefix + "domain_weight" not in state_dict:
             w, b = state_dict.get(prefix + "weight"), state_dict.get(prefix + "bias")
@@ -202,12 +215,20 @@ class _BatchNormCore(_BatchNorm):
                     "int or a LongTensor of shape (N,), or run the model inside "
                     "`with normkit.condition(model, domain):`"
                 )
-            check_index(name, domain, self.num_domains, input.shape[0])
+            check_index(name, domain, self.num_domains, input.shape[0], input.device)
             if isinstance(domain, Tensor):
                 domain = domain.to(device=input.device, dtype=torch.long)
         else:
             domain = 0
         syncing = self._syncing()
+        if syncing:
+            # Once per layer: every rank must hold this very layer (see verify_peers).
+            fields = {
+                "num_features": self.num_features,
+                "num_domains": self.num_domains,
+                "split_stats": int(self.split_stats),
+            }
+            verify_peers(self, name, fields, input.device, self.process_group)
         if self.training and not syncing:
             # Under sync a rank may hold one value per channel (or none): the global batch
             # decides, as in torch's SyncBatchNorm.
@@ -247,7 +268,8 @@ class _BatchNormCore(_BatchNorm):
         mean, var = F.batch_moments(x)
         count: int | Tensor = x.numel() // x.shape[1]
         if syncing:
-            mean, var, count = sync_moments(mean, var, count, self.process_group)
+            name = type(self).__name__
+            mean, var, count = sync_moments(mean, var, count, self.process_group, name)
         if self.training and self.running_mean is not None:
             self._update_running(mean, var, count)
         return mean, var
@@ -280,7 +302,9 @@ class _BatchNormCore(_BatchNorm):
         dmean, dvar, dcount = F.domain_moments(m, q, domain, self.num_domains)
         values: Tensor = dcount * spatial
         if syncing:
-            dmean, dvar, values = sync_moments(dmean, dvar, values.unsqueeze(1), self.process_group)
+            dmean, dvar, values = sync_moments(
+                dmean, dvar, values.unsqueeze(1), self.process_group, type(self).__name__
+            )
         if track:
             self._update_running(dmean, dvar, values)
         return dmean.index_select(0, domain), dvar.index_select(0, domain)

@@ -7,6 +7,7 @@ raw inputs (:class:`InputNorm2d`).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from normkit._checks import check_positive
+from normkit._checks import check_dtype, check_nonnegative, check_positive
 from normkit.layers.core import DomainIndex, _BatchNormCore
 
 __all__ = [
@@ -46,7 +47,12 @@ class _InputNorm(_BatchNormCore):
         device: Any = None,
         dtype: Any = None,
     ) -> None:
-        check_positive(type(self).__name__, "scale", scale)
+        name = type(self).__name__
+        check_positive(name, "scale", scale)
+        check_dtype(name, dtype)
+        limit = torch.finfo(dtype if dtype is not None else torch.get_default_dtype()).max
+        if not scale * RELU_STD <= limit:  # the initial weight, filled in reset_parameters
+            raise ValueError(f"{name}: expected scale * {RELU_STD} <= {limit}, got scale={scale}")
         self.scale = float(scale)
         super().__init__(
             num_features,
@@ -125,18 +131,36 @@ def init_bn_scale_(model: nn.Module, value: float = 0.1) -> int:
     alone. The official code silently falls back to 1.0 for ``value <= 0``; normkit refuses it.
 
     Returns:
-        The number of layers changed.
+        The number of layers changed. When it is 0 (no batch norm with a scale) a
+        ``UserWarning`` says so: the recipe then has no effect on the model.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"init_bn_scale_: expected an nn.Module, got {type(model).__name__}")
     check_positive("init_bn_scale_", "value", value)
-    changed = 0
+    scales = [
+        module.weight
+        for module in model.modules()
+        if isinstance(module, _BatchNorm)
+        and not isinstance(module, _InputNorm)
+        and module.weight is not None
+    ]
+    # Checked before any scale changes: fill_ fails past a dtype's range (inf included).
+    for weight in scales:
+        if weight.is_floating_point() and not value <= torch.finfo(weight.dtype).max:
+            raise ValueError(
+                f"init_bn_scale_: expected a value a {weight.dtype} scale can hold (at most "
+                f"{torch.finfo(weight.dtype).max}), got {value}"
+            )
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, _InputNorm) or not isinstance(module, _BatchNorm):
-                continue
-            if module.weight is None:
-                continue
-            module.weight.fill_(value)
-            changed += 1
+        for weight in scales:
+            weight.fill_(value)
+    changed = len(scales)
+    if not changed:
+        warnings.warn(
+            f"init_bn_scale_: expected a model with batch norms that have a scale (affine=True), "
+            f"got a {type(model).__name__} with none; nothing was changed",
+            stacklevel=2,
+        )
     return changed
 
 
@@ -192,7 +216,9 @@ def bn_param_groups(
     The official code picks the scale group as "squeezes to 1-D and named *weight*", which also
     catches LayerNorm/GroupNorm weights, depthwise kernels and 1-in/1-out linear layers; here
     only batch-norm scales are in it. Frozen parameters (InputNorm's shift) are in no group; a
-    shared parameter appears once; empty groups are left out. Keep the same no-decay treatment
+    shared parameter appears once; empty groups are left out. A model without batch norms is
+    no mistake here: it gets its ``"decay"``/``"no_decay"`` groups (the same treatment as in the
+    BN arms) and no ``"bn_scale"`` group, without a warning. Keep the same no-decay treatment
     in the baseline arm (``scale_lr_divisor=1``) so that only the BN scale's lr differs.
 
     Example::
@@ -200,6 +226,10 @@ def bn_param_groups(
         >>> groups = normkit.bn_param_groups(model, lr=0.1, weight_decay=1e-4)
         >>> opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"bn_param_groups: expected an nn.Module, got {type(model).__name__}")
+    check_nonnegative("bn_param_groups", "lr", lr)
+    check_nonnegative("bn_param_groups", "weight_decay", weight_decay)
     check_positive("bn_param_groups", "scale_lr_divisor", scale_lr_divisor)
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []

@@ -22,7 +22,14 @@ import torch
 from torch import Tensor, nn
 
 from normkit import functional as F
-from normkit._checks import check_count, check_float_input, check_positive
+from normkit._checks import (
+    check_count,
+    check_dtype,
+    check_flags,
+    check_float_input,
+    check_positive,
+    check_same_device,
+)
 from normkit.layers.core import _BatchNormCore
 
 __all__ = [
@@ -356,6 +363,8 @@ class SandwichAdaIN(nn.Module):
         name = type(self).__name__
         check_count(name, "num_features", num_features)
         check_positive(name, "eps", eps)
+        check_flags(name, affine=affine, unbiased=unbiased)
+        check_dtype(name, dtype)
         self.num_features = num_features
         self.eps = eps
         self.affine = affine
@@ -387,7 +396,10 @@ class SandwichAdaIN(nn.Module):
                 f"{name}: expected {role} of shape (N, {self.num_features}, *spatial) with at "
                 f"least one spatial dimension, got shape {tuple(t.shape)}"
             )
-        spatial = t.numel() // max(t.shape[0] * t.shape[1], 1)
+        # From the shape, not numel() / (N * C), which is 0 for an empty batch (N = 0).
+        spatial = 1
+        for size in t.shape[2:]:
+            spatial *= size
         if self.unbiased and spatial < 2:
             raise ValueError(
                 f"{name}: expected at least 2 spatial positions in the {role} for an unbiased "
@@ -401,6 +413,7 @@ class SandwichAdaIN(nn.Module):
     def forward(self, content: Tensor, style: Tensor) -> Tensor:
         cm, cq = self._moments("content", content)
         sm, sq = self._moments("style", style)
+        check_same_device(type(self).__name__, "style", style, content)
         if style.shape[0] not in (1, content.shape[0]):
             raise ValueError(
                 f"{type(self).__name__}: expected a style batch of 1 or {content.shape[0]} "

@@ -60,6 +60,7 @@ one extra copy of the weight per layer; :meth:`bake` gives a plain layer with no
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections.abc import Callable, Collection
 from typing import Any, Literal, NamedTuple, TypeVar
@@ -71,7 +72,14 @@ from torch.nn.common_types import _size_1_t, _size_2_t, _size_3_t
 from torch.nn.modules.conv import _ConvNd
 
 from normkit import functional as nkf
-from normkit._checks import check_positive
+from normkit._checks import (
+    check_conv_input,
+    check_count,
+    check_dtype,
+    check_flags,
+    check_linear_input,
+    check_positive,
+)
 
 __all__ = [
     "WS_PRESETS",
@@ -113,6 +121,8 @@ def _resolve_preset(
     if eps is None:
         eps = base.eps
     check_positive(layer, "eps", eps)
+    if eps > torch.finfo(torch.float32).max:  # statistics may be float32: clamp_min fails
+        raise ValueError(f"{layer}: expected eps <= {torch.finfo(torch.float32).max}, got {eps}")
     if unbiased is None:
         unbiased = base.unbiased
     if not isinstance(unbiased, bool):
@@ -123,6 +133,83 @@ def _resolve_preset(
         known = ", ".join(repr(k) for k in _EPS_MODES)
         raise ValueError(f"{layer}: expected eps_mode to be one of {known}, got {eps_mode!r}")
     return WSPreset(unbiased=unbiased, eps=float(eps), eps_mode=eps_mode)
+
+
+def _check_conv_args(
+    layer: str,
+    in_channels: int,
+    out_channels: int,
+    groups: int,
+    bias: bool,
+    dtype: Any,
+    **sizes: Any,
+) -> None:
+    """Refuse, before ``nn.Conv*d.__init__`` fails on them with a RuntimeError, a negative
+    size, a flag that is no bool, a dtype parameters cannot have, and ``sizes`` (kernel size,
+    stride, padding, dilation) that are not ints (their values: :func:`_check_conv_sizes`)."""
+    for name, value in sizes.items():
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        if not (name == "padding" and isinstance(value, str)) and any(
+            type(v) is not int for v in items
+        ):
+            raise TypeError(f"{layer}: expected {name} to be an int or ints, got {value!r}")
+    check_count(layer, "in_channels", in_channels)
+    check_count(layer, "out_channels", out_channels)
+    check_count(layer, "groups", groups)
+    if in_channels % groups or out_channels % groups:  # torch's message names neither
+        raise ValueError(
+            f"{layer}: expected groups to divide in_channels={in_channels} and "
+            f"out_channels={out_channels}, got groups={groups}"
+        )
+    check_flags(layer, bias=bias)
+    check_dtype(layer, dtype)
+
+
+def _check_conv_sizes(conv: _ConvNd) -> None:
+    """Refuse sizes ``nn.Conv*d`` accepts but cannot compute with: a kernel of 0 (a fan-in of
+    0 has no statistics), a stride or dilation of 0, a negative padding, a tuple of the wrong
+    length."""
+    layer = type(conv).__name__
+    dims = next(
+        d for c, d in ((nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3)) if isinstance(conv, c)
+    )
+    sizes = {
+        "kernel_size": conv.kernel_size,
+        "stride": conv.stride,
+        "dilation": conv.dilation,
+        "padding": conv.padding,
+    }
+    for name, value in sizes.items():
+        if isinstance(value, str):
+            continue  # a padding string, which torch checks
+        if len(value) != dims:
+            raise ValueError(f"{layer}: expected {name} to be an int or {dims} ints, got {value!r}")
+        for item in value:
+            check_count(layer, name, item, 0 if name == "padding" else 1)
+
+
+def _min_input_sizes(conv: _ConvNd) -> tuple[int, ...]:
+    """The smallest input size per spatial dimension that ``conv`` accepts: the padded input
+    must cover the dilated kernel, reflect padding needs more values than it pads and circular
+    padding at least as many."""
+    pads = conv._reversed_padding_repeated_twice  # (left, right) per dim, last dim first
+    dims = len(conv.kernel_size)
+    sizes = []
+    for i, (k, d) in enumerate(zip(conv.kernel_size, conv.dilation)):
+        left, right = pads[2 * (dims - 1 - i)], pads[2 * (dims - 1 - i) + 1]
+        size = max(1, d * (k - 1) + 1 - left - right)
+        if conv.padding_mode == "reflect":
+            size = max(size, left + 1, right + 1)
+        elif conv.padding_mode == "circular":
+            size = max(size, left, right)
+        sizes.append(size)
+    return tuple(sizes)
+
+
+def _check_conv_call(conv: _ConvNd, input: Tensor) -> None:
+    check_conv_input(
+        type(conv).__name__, input, conv.in_channels, conv.weight.dtype, _min_input_sizes(conv)
+    )
 
 
 def _check_fan_in(layer: str, weight: Tensor, unbiased: bool) -> None:
@@ -294,6 +381,7 @@ class _WSLayer(_StandardizedWeight):
     def forward(self, input: Tensor) -> Tensor:
         # The convolutions; WSLinear has its own.
         conv: Any = self
+        _check_conv_call(conv, input)
         out: Tensor = conv._conv_forward(input, self.standardized_weight(), conv.bias)
         return out
 
@@ -378,6 +466,18 @@ class WSConv1d(_WSLayer, nn.Conv1d):
         eps_mode: str | None = None,
     ) -> None:
         config = _resolve_preset(type(self).__name__, preset, eps, unbiased, eps_mode)
+        _check_conv_args(
+            type(self).__name__,
+            in_channels,
+            out_channels,
+            groups,
+            bias,
+            dtype,
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+        )
         super().__init__(
             in_channels,
             out_channels,
@@ -391,6 +491,7 @@ class WSConv1d(_WSLayer, nn.Conv1d):
             device,
             dtype,
         )
+        _check_conv_sizes(self)
         self._init_ws(config, preset)
 
     _plain_cls = nn.Conv1d
@@ -459,6 +560,18 @@ class WSConv2d(_WSLayer, nn.Conv2d):
         eps_mode: str | None = None,
     ) -> None:
         config = _resolve_preset(type(self).__name__, preset, eps, unbiased, eps_mode)
+        _check_conv_args(
+            type(self).__name__,
+            in_channels,
+            out_channels,
+            groups,
+            bias,
+            dtype,
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+        )
         super().__init__(
             in_channels,
             out_channels,
@@ -472,6 +585,7 @@ class WSConv2d(_WSLayer, nn.Conv2d):
             device,
             dtype,
         )
+        _check_conv_sizes(self)
         self._init_ws(config, preset)
 
     _plain_cls = nn.Conv2d
@@ -528,6 +642,18 @@ class WSConv3d(_WSLayer, nn.Conv3d):
         eps_mode: str | None = None,
     ) -> None:
         config = _resolve_preset(type(self).__name__, preset, eps, unbiased, eps_mode)
+        _check_conv_args(
+            type(self).__name__,
+            in_channels,
+            out_channels,
+            groups,
+            bias,
+            dtype,
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+        )
         super().__init__(
             in_channels,
             out_channels,
@@ -541,6 +667,7 @@ class WSConv3d(_WSLayer, nn.Conv3d):
             device,
             dtype,
         )
+        _check_conv_sizes(self)
         self._init_ws(config, preset)
 
     _plain_cls = nn.Conv3d
@@ -589,11 +716,17 @@ class WSLinear(_WSLayer, nn.Linear):
         unbiased: bool | None = None,
         eps_mode: str | None = None,
     ) -> None:
-        config = _resolve_preset(type(self).__name__, preset, eps, unbiased, eps_mode)
+        layer = type(self).__name__
+        config = _resolve_preset(layer, preset, eps, unbiased, eps_mode)
+        check_count(layer, "in_features", in_features)
+        check_count(layer, "out_features", out_features)
+        check_flags(layer, bias=bias)
+        check_dtype(layer, dtype)
         super().__init__(in_features, out_features, bias, device, dtype)
         self._init_ws(config, preset)
 
     def forward(self, input: Tensor) -> Tensor:
+        check_linear_input(type(self).__name__, input, self.in_features, self.weight.dtype)
         return F.linear(input, self.standardized_weight(), self.bias)
 
     def _plain_twin(self) -> nn.Module:
@@ -674,6 +807,20 @@ class ScaledWSConv2d(_StandardizedWeight, nn.Conv2d):
         check_positive(layer, "eps", eps)
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
             raise TypeError(f"{layer}: expected gamma to be a number, got {gamma!r}")
+        if not math.isfinite(gamma):  # it multiplies every weight
+            raise ValueError(f"{layer}: expected a finite gamma, got {gamma}")
+        _check_conv_args(
+            layer,
+            in_channels,
+            out_channels,
+            groups,
+            bias,
+            dtype,
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+        )
         super().__init__(
             in_channels,
             out_channels,
@@ -687,6 +834,7 @@ class ScaledWSConv2d(_StandardizedWeight, nn.Conv2d):
             device,
             dtype,
         )
+        _check_conv_sizes(self)
         self.gamma = float(gamma)
         self.eps = float(eps)
         self.gain = nn.Parameter(torch.ones(out_channels, 1, 1, 1, device=device, dtype=dtype))
@@ -711,6 +859,7 @@ class ScaledWSConv2d(_StandardizedWeight, nn.Conv2d):
         return (self.eps, self.gamma)
 
     def forward(self, input: Tensor) -> Tensor:
+        _check_conv_call(self, input)
         return self._conv_forward(input, self.standardized_weight(), self.bias)
 
     def _plain_twin(self) -> nn.Module:
@@ -789,7 +938,8 @@ def weight_standardize_(
     Only exact instances of the torch classes are replaced: their subclasses (including normkit's
     WS layers, so the call is idempotent, parametrized convs and ``MultiheadAttention``'s output
     projection) are left alone, because their forward may not be a plain conv; transposed
-    convolutions are not standardized. A module object
+    convolutions are not standardized. A model with neither such a layer nor a WS layer is
+    returned unchanged with a ``UserWarning`` (the call would have no effect). A module object
     reachable under several names (a shared module) is replaced once, by one new object placed at
     every one of its names. The official ResNets standardize every conv (stem and downsample
     included) and keep the classifier a plain Linear; the WS README advises converting only convs
@@ -819,6 +969,7 @@ def weight_standardize_(
     """
     where = "weight_standardize_"
     config = _resolve_preset(where, preset, eps, unbiased, eps_mode)
+    check_flags(where, include_linear=include_linear)
     if not isinstance(model, nn.Module):
         raise TypeError(f"{where}: expected an nn.Module, got {type(model).__name__}")
     targets: dict[type[nn.Module], type[_WSLayer]] = dict(_WS_OF_CONV)
@@ -843,6 +994,14 @@ def weight_standardize_(
         if any(is_excluded(n, module) for n in names_of[key]):
             continue
         replacements[key] = _adopt(module, cls, config, preset)
+    if not any(type(m) in targets or isinstance(m, _StandardizedWeight) for m in modules.values()):
+        layers = "convolution or linear layer" if include_linear else "convolution"
+        hint = "" if include_linear else " (pass include_linear=True for nn.Linear)"
+        warnings.warn(
+            f"{where}: expected a model with a plain {layers} to standardize, got a "
+            f"{type(model).__name__} with none{hint}; nothing was changed",
+            stacklevel=2,
+        )
 
     # Pass 2: re-point every slot holding a replaced module; each container's children are
     # snapshotted before it is written to.
@@ -869,6 +1028,11 @@ def _exclusion_rule(
             f"string {exclude!r}; pass {{{exclude!r}}}"
         )
     wanted = set(exclude)
+    if not all(isinstance(e, str) for e in wanted):
+        raise TypeError(
+            f"{where}: expected exclude to be a callable or a collection of names (str), got "
+            f"{exclude!r}"
+        )
     known = {n for names in names_of.values() for n in names}
     unknown = sorted(wanted - known)
     if unknown:
