@@ -29,7 +29,9 @@ F64 = torch.float64
 
 Factory = Callable[[], nn.Module]
 
-# name -> (factory, input shape of the whole batch, domain: None, int or per-sample list)
+# name -> (factory, input shape of the whole batch, domain: None, an int, "per_sample" (a tensor
+# over DOMAINS), "per_rank" (each rank passes its own int, RANK_DOMAINS[rank]) or "mixed" (rank 0
+# a per-sample tensor, rank 1 an int)); the single-process reference gets each row's domain.
 CASES: dict[str, tuple[Factory, tuple[int, ...], Any]] = {
     "torch-bn2d": (lambda: nn.BatchNorm2d(4, dtype=F64), (6, 4, 3, 3), None),
     "torch-bn1d": (lambda: nn.BatchNorm1d(4, dtype=F64), (6, 4), None),
@@ -50,6 +52,18 @@ CASES: dict[str, tuple[Factory, tuple[int, ...], Any]] = {
         "per_sample",
     ),
     "auxbn": (lambda: nk.AuxBatchNorm2d(4, 3, dtype=F64), (6, 4, 3, 3), "per_sample"),
+    # Ranks holding different domains: the per-domain statistics merge over ranks.
+    "sabn-split-per-rank-int": (
+        lambda: nk.SandwichBatchNorm2d(4, 3, split_stats=True, dtype=F64),
+        (6, 4, 3, 3),
+        "per_rank",
+    ),
+    "auxbn-per-rank-int": (lambda: nk.AuxBatchNorm2d(4, 3, dtype=F64), (6, 4, 3, 3), "per_rank"),
+    "sabn-split-mixed": (
+        lambda: nk.SandwichBatchNorm2d(4, 3, split_stats=True, momentum=None, dtype=F64),
+        (6, 4, 3, 3),
+        "mixed",
+    ),
     "bcn": (lambda: nk.BatchChannelNorm2d(4, 2, dtype=F64), (6, 4, 3, 3), None),
     "bcn-micro": (
         lambda: nk.BatchChannelNorm2d(4, 2, estimate=True, estimate_rate=0.3, dtype=F64),
@@ -59,6 +73,7 @@ CASES: dict[str, tuple[Factory, tuple[int, ...], Any]] = {
     "inputnorm": (lambda: nk.InputNorm2d(4, dtype=F64), (6, 4, 3, 3), None),
 }
 DOMAINS = [0, 1, 2, 2, 0, 1]
+RANK_DOMAINS = [0, 2]
 # Rows of the whole batch held by each rank: uneven, and one split with an empty rank.
 SPLITS = {"uneven": [[0, 1, 2, 3], [4, 5]], "empty-rank": [[0, 1, 2, 3, 4, 5], []]}
 
@@ -79,20 +94,37 @@ def _data(name: str) -> tuple[list[torch.Tensor], torch.Tensor]:
     return xs, weight
 
 
-def _domain(name: str, rows: list[int]) -> Any:
+def _domain(name: str, rows: list[int], split: str, rank: int | None) -> Any:
+    """The domain argument of ``rank`` (None: the single-process reference with every row)."""
     kind = CASES[name][2]
     if kind is None:
         return None
+    if kind in ("per_rank", "mixed"):
+        if rank is None:  # each row gets the domain its rank gives it
+            owner = {row: r for r, held in enumerate(SPLITS[split]) for row in held}
+            per_sample = kind == "mixed"
+            return torch.tensor(
+                [
+                    DOMAINS[row] if per_sample and owner[row] == 0 else RANK_DOMAINS[owner[row]]
+                    for row in rows
+                ],
+                dtype=torch.long,
+            )
+        if kind == "per_rank" or rank == 1:
+            return RANK_DOMAINS[rank]
+        kind = "per_sample"
     if kind == "per_sample":
         return torch.tensor([DOMAINS[r] for r in rows], dtype=torch.long)
     return kind
 
 
-def _run(layer: nn.Module, name: str, rows: list[int]) -> dict[str, Any]:
+def _run(
+    layer: nn.Module, name: str, rows: list[int], split: str, rank: int | None
+) -> dict[str, Any]:
     """Two training steps on ``rows`` of the data; the first step's output and gradients."""
     xs, weight = _data(name)
     x = xs[0][rows].clone().requires_grad_()
-    domain = _domain(name, rows)
+    domain = _domain(name, rows, split, rank)
     args = (x,) if domain is None else (x, domain)
     out = layer(*args)
     (out * weight[rows]).sum().backward()
@@ -126,7 +158,7 @@ def _worker(rank: int, store_path: str, out_dir: str, split: str) -> None:
             layer = factory()
             _randomize(layer)
             layer = nk.convert_sync(layer)
-            results[name] = _run(layer, name, SPLITS[split][rank])
+            results[name] = _run(layer, name, SPLITS[split][rank], split, rank)
         results["ddp"] = _ddp_step(rank)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -192,7 +224,7 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(
     torch.manual_seed(0)
     layer = factory()
     _randomize(layer)
-    whole = _run(layer, name, list(range(CASES[name][1][0])))
+    whole = _run(layer, name, list(range(CASES[name][1][0])), split, None)
     rows = SPLITS[split]
     tol = {"rtol": 1e-5, "atol": 1e-5}
     for rank in range(WORLD):

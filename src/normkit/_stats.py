@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import weakref
+import zlib
 from typing import Any
 
 import torch
@@ -158,25 +160,96 @@ def _merge_dtype(t: Tensor) -> torch.dtype:
     return torch.float32 if t.device.type == "mps" else torch.float64
 
 
+def _peer_error(layer: str, what: str, group: Any, error: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"{layer}: {what} over the {world_size(group)} ranks of the process group failed: a peer "
+        "rank failed, exited or did not join this collective (every rank must run the same "
+        "synchronized layers in the same order, each training forward and backward). A peer "
+        "that stops without exiting is waited for until the timeout given to "
+        "torch.distributed.init_process_group(timeout=...) (30 minutes by default on gloo). "
+        f"The backend reported: {error}"
+    )
+
+
+def _all_reduce(t: Tensor, group: Any, layer: str, what: str) -> None:
+    """``dist.all_reduce`` (sum, in place) whose failure names the layer and the likely cause.
+
+    gloo reports a peer that exited as "Connection closed by peer" at once, and a peer that
+    never joins as "Timed out waiting ...ms" after the process group's timeout; both surface
+    deep in a backward or a forward without saying which layer waited.
+    """
+    try:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    except RuntimeError as e:  # DistBackendError and gloo's errors are RuntimeErrors
+        raise _peer_error(layer, what, group, e) from e
+
+
 class _AllReduceSum(torch.autograd.Function):
     """Sum over ranks whose backward sums the gradients over ranks (the adjoint of a sum)."""
 
     @staticmethod
-    def forward(ctx: Any, t: Tensor, group: Any) -> Tensor:
+    def forward(ctx: Any, t: Tensor, group: Any, layer: str) -> Tensor:
         ctx.group = group
+        ctx.layer = layer
         out = t.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        _all_reduce(out, group, layer, "the all-reduce of batch statistics")
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         out = grad.contiguous().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=ctx.group)
-        return out, None
+        _all_reduce(out, ctx.group, ctx.layer, "the all-reduce of the statistics' gradient")
+        return out, None, None
+
+
+# Layers already checked against their peers, with the group they were checked for. Weak keys,
+# and nothing stored on the module: a copy or an unpickled layer is checked again, as a freshly
+# built layer on another rank would be, so that every rank runs the check at the same forward.
+_VERIFIED: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def verify_peers(owner: Any, layer: str, fields: dict[str, int], device: Any, group: Any) -> None:
+    """Check, once per layer and process group, that every rank holds the same layer.
+
+    Called at the first synchronized training forward of ``owner``: one all-gather of a few
+    integers (the layer class and ``fields``, say ``num_features`` and ``num_domains``). Ranks
+    whose layers differ would otherwise reach the all-reduce of statistics with tensors of
+    different sizes, which makes gloo abort the process (an uncatchable C++ error), or of equal
+    sizes but different meanings, which silently mixes statistics. Every rank gets the same
+    gathered values, so every rank raises the same ``ValueError``. Skipped under
+    ``torch.compile``; later forwards cost nothing.
+    """
+    if torch.compiler.is_compiling():
+        return
+    if owner in _VERIFIED and _VERIFIED[owner] is group:
+        return
+    code = zlib.crc32(layer.encode()) & 0x7FFFFFFF
+    mine = torch.tensor([code, *fields.values()], dtype=torch.long, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(world_size(group))]
+    try:
+        dist.all_gather(gathered, mine, group=group)
+    except RuntimeError as e:
+        raise _peer_error(layer, "the check that every rank holds the same layer", group, e) from e
+    rows = [t.tolist() for t in gathered]
+    if any(row != rows[0] for row in rows):
+        names = ["layer class", *fields]
+        diffs = []
+        for i, name in enumerate(names):
+            values = [row[i] for row in rows]
+            if len(set(values)) > 1:
+                shown = "differs" if i == 0 else f"is {values}"
+                diffs.append(f"{name} per rank {shown}")
+        raise ValueError(
+            f"{layer}: expected the same synchronized layer on every rank of the process group, "
+            f"got {'; '.join(diffs)} (this rank: {dist.get_rank(group)}, "
+            f"{', '.join(f'{k}={v}' for k, v in fields.items())}); ranks whose models differ, or "
+            "that run different layers at this point, cannot merge batch statistics"
+        )
+    _VERIFIED[owner] = group
 
 
 def sync_moments(
-    mean: Tensor, var: Tensor, count: int | Tensor, group: Any = None
+    mean: Tensor, var: Tensor, count: int | Tensor, group: Any = None, layer: str = "normkit"
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Merge per-rank biased moments over every rank of ``group``: one all-reduce, with gradient.
 
@@ -185,6 +258,7 @@ def sync_moments(
             (NaN from an empty batch, say) is ignored.
         count: values behind each moment on this rank: an int, or a tensor broadcasting against
             ``mean`` (``(K, 1)`` for per-domain moments).
+        layer: the name that errors of the collective give (a peer that failed or never came).
 
     Returns:
         ``(mean, var, count)`` over all ranks; ``count`` has ``mean``'s shape without the channel
@@ -199,7 +273,7 @@ def sync_moments(
     m = torch.where(present, mean.to(dtype), 0.0)
     v = torch.where(present, var.to(dtype), 0.0)
     packed = torch.stack([n, n * m, n * (v + m.square())])
-    total = _AllReduceSum.apply(packed, group)
+    total = _AllReduceSum.apply(packed, group, layer)
     values = total[0]
     denom = values.clamp_min(1)
     g_mean = total[1] / denom
@@ -208,7 +282,7 @@ def sync_moments(
 
 
 @torch.no_grad()
-def all_reduce_sum_(t: Tensor, group: Any = None) -> Tensor:
+def all_reduce_sum_(t: Tensor, group: Any = None, layer: str = "normkit") -> Tensor:
     """In-place sum over every rank of ``group``, without gradient; returns ``t``."""
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    _all_reduce(t, group, layer, "the all-reduce of batch statistics")
     return t

@@ -17,6 +17,7 @@ of more than one rank, the converted layers compute exactly what they did before
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -80,7 +81,17 @@ def convert_sync(
             known flaw of ``nn.SyncBatchNorm.convert_sync_batchnorm``.
 
     Returns:
-        The model (the replacement, if the root itself was a torch batch norm).
+        The model (the replacement, if the root itself was a torch batch norm). A model
+        without any batch-statistics layer (frozen ones count) is returned unchanged, with a
+        ``UserWarning``: nothing would be synchronized, which usually means the wrong model
+        (a group-norm model needs no synchronization; do not call it there).
+
+    On the first synchronized training forward, each layer checks with one small all-gather
+    that every rank holds the same layer (class, channels, domains or groups): mismatched models
+    raise a ``ValueError`` on every rank instead of crashing gloo or mixing statistics. A rank
+    that fails or stops before a collective makes the others raise a ``RuntimeError`` naming
+    the layer, at once if its process exited, else after the timeout given to
+    ``torch.distributed.init_process_group(timeout=...)``.
 
     Example::
 
@@ -88,10 +99,17 @@ def convert_sync(
         >>> model = nn.parallel.DistributedDataParallel(model)
     """
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert_sync: expected an nn.Module, got {type(model).__name__}")
+    found = False
+
     def make(name: str, module: nn.Module) -> nn.Module | None:
+        nonlocal found
         if isinstance(module, _FrozenNorm):
+            found = True
             return None  # frozen norms use running statistics: nothing to synchronize
         if isinstance(module, _NORMKIT_SYNCABLE):
+            found = True
             module.sync = True
             module.process_group = process_group
             return None
@@ -106,6 +124,7 @@ def convert_sync(
                 )
             return None
         assert isinstance(module, _BatchNorm)
+        found = True
         new = SyncBatchNorm(
             module.num_features,
             module.eps,
@@ -118,7 +137,15 @@ def convert_sync(
         new._local_cls = type(module)  # type: ignore[assignment]
         return _rebind(module, new)
 
-    return _swap(model, make)
+    converted = _swap(model, make)
+    if not found:
+        warnings.warn(
+            f"convert_sync: expected a model with batch-statistics layers (torch or normkit "
+            f"batch norms, BCN), got a {type(model).__name__} with none; nothing will be "
+            "synchronized",
+            stacklevel=2,
+        )
+    return converted
 
 
 def revert_sync(model: nn.Module) -> nn.Module:
@@ -127,8 +154,12 @@ def revert_sync(model: nn.Module) -> nn.Module:
     normkit's layers get ``sync=False``; a :class:`normkit.SyncBatchNorm` made by
     :func:`convert_sync` becomes the torch class it replaced (one constructed directly becomes
     ``nn.BatchNorm2d``, or ``nn.BatchNorm1d`` / ``nn.BatchNorm3d`` when given as
-    ``local_cls``), holding the same parameters and buffers.
+    ``local_cls``), holding the same parameters and buffers. A model with nothing synchronized
+    is returned unchanged, silently (undoing nothing is not a mistake).
     """
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"revert_sync: expected an nn.Module, got {type(model).__name__}")
 
     def make(name: str, module: nn.Module) -> nn.Module | None:
         if isinstance(module, SyncBatchNorm):
