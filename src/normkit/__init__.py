@@ -8,6 +8,7 @@ PyTorch model.
 from __future__ import annotations
 
 from normkit import functional, models
+from normkit.checkpoints import load_official_sandwich
 from normkit.conditioning import condition, conditional_layers
 from normkit.convert import (
     ConversionReport,
@@ -116,6 +117,7 @@ __all__ = [
     "he_normal_fan_out_",
     "init_bn_scale_",
     "list_norms",
+    "load_official_sandwich",
     "models",
     "prepare_for_inference",
     "register_norm",
