@@ -123,7 +123,8 @@ class LayerRecord:
         if kind == "per_sample":
             size = self.batch if batch is None else batch
             cycle = PER_SAMPLE_DOMAIN
-            return torch.tensor([cycle[i % len(cycle)] for i in range(size)])
+            # dtype given: an empty list would otherwise make a float tensor (batch=0).
+            return torch.tensor([cycle[i % len(cycle)] for i in range(size)], dtype=torch.long)
         raise ValueError(f"unknown domain kind {kind!r}; expected one of {DOMAIN_KINDS}")
 
     def args(self, kind: str | None, seed: int = 0, *, batch: int | None = None) -> tuple[Any, ...]:
