@@ -1,4 +1,6 @@
-"""The ``normkit`` command: ``normkit reproduce STUDY`` and ``normkit list``.
+"""The ``normkit`` command: ``normkit reproduce STUDY``, ``normkit list`` and ``normkit bench``.
+
+``bench`` is :mod:`normkit.bench` (its options are defined there).
 
 ``reproduce`` runs a study of ``normkit.experiments.studies`` (or ``all`` of them), shows a
 progress bar while it trains (on a terminal) and a table at the end, and writes
@@ -178,6 +180,17 @@ def _build_parser() -> _Parser:
     sub.add_parser(
         "list", help="every layer, with its paper and what it is for", allow_abbrev=False
     )
+    from normkit import bench
+
+    bench_parser = sub.add_parser(
+        "bench",
+        help="time and memory of the layers against nn.BatchNorm2d / nn.Conv2d",
+        description="Time (forward, forward+backward) and memory of each layer against its "
+        "torch baseline, interleaved in one process; prints a table (--json for the data). "
+        "Default sizes take minutes; --quick takes seconds.",
+        allow_abbrev=False,
+    )
+    bench.add_arguments(bench_parser)
     return parser
 
 
@@ -472,5 +485,12 @@ def _main(argv: Sequence[str] | None) -> int:
         return _list()
     if args.command == "reproduce":
         return _reproduce(args, options, argv)
+    if args.command == "bench":
+        from normkit import bench
+
+        try:
+            return bench.run_from_args(args)
+        except bench.BenchError as exc:
+            _fail(f"bench: {exc}")
     parser.print_help()
     return EXIT_USAGE
