@@ -100,6 +100,11 @@ def _assert_compiled_matches_eager(
 ) -> None:
     layer = rec.build()
     eager = copy.deepcopy(layer)
+    if tol == "exact" and hasattr(eager, "fast"):
+        # Traced code takes the reference path (normkit._fused.fast_paths_apply); the exact
+        # comparison is with the same path run eagerly. The inductor test compares with the
+        # eager fast path.
+        eager.fast = False
     counter = CompileCounterWithBackend(backend)
     compiled = torch.compile(layer, backend=counter, fullgraph=True)
     for step, training in enumerate(STEPS):

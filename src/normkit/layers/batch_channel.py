@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normkit import _fused
 from normkit import functional as F
 from normkit._checks import (
     check_batch_values,
@@ -52,6 +53,9 @@ class _BatchChannelNorm(_BatchNorm):
     #: (see :func:`normkit.convert_sync`).
     sync = False
     process_group: Any = None
+    #: Fused kernels in training (see :mod:`normkit._fused`); False runs the reference path,
+    #: the formula written out step by step (for tests and debugging).
+    fast = True
 
     def __init__(
         self,
@@ -148,15 +152,50 @@ class _BatchChannelNorm(_BatchNorm):
             verify_peers(self, name, fields, input.device, self.process_group)
         if self.training and not self.estimate and not syncing:
             check_batch_values(name, input)
+        params = (self.weight, self.bias, self.group_weight, self.group_bias)
+        if (
+            self.fast
+            and self.training
+            and not syncing
+            and input.numel() > 0
+            and _fused.fast_paths_apply(input)
+        ):
+            # Moments without a graph; the fused function differentiates through them.
+            m, q = _fused.sample_moments(input)
+            mean, var = self._batch_statistics(input, m, q, syncing)
+            fold = self._fold if self.estimate else self._fold_batch
+            return _fused.moment_scale_shift(input, m, q, fold, mean, var, *params)
         m, q = F.sample_moments(input)
         mean, var = self._batch_statistics(input, m, q, syncing)
+        scale, shift = self._fold(m, q, mean, var, *params)
+        return F.apply_scale_shift(input, scale, shift)
 
+    def _fold_batch(
+        self, m: Tensor, q: Tensor, _mean: Tensor, _var: Tensor, *params: Any
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`_fold` with the batch part's statistics as functions of the moments."""
+        mean, var = F.merge_sample_moments(m, q)
+        return self._fold(m, q, mean, var, *params)
+
+    def _fold(
+        self,
+        m: Tensor,
+        q: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        group_weight: Tensor | None,
+        group_bias: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """The per-(sample, channel) scale and shift of BCN, from the input's moments ``m, q``
+        and the batch part's ``mean, var``."""
         # Batch part as a per-channel affine x1 = a x + b.
         a = torch.rsqrt(var + self.eps)
         b = -mean * a
-        if self.affine:
-            a = a * self.weight
-            b = b * self.weight + self.bias
+        if weight is not None and bias is not None:
+            a = a * weight
+            b = b * weight + bias
 
         # Channel part: per-(sample, group) moments of x1 in closed form, then fold everything.
         gmean, gvar = F.group_moments(m, q, a, b, self.num_groups)
@@ -167,15 +206,14 @@ class _BatchChannelNorm(_BatchNorm):
         gmean_c = gmean.unsqueeze(2).expand(n, self.num_groups, per_group).reshape(n, c)
         scale = a * ginv_c
         shift = (b - gmean_c) * ginv_c
-        if self.group_weight is not None and self.group_bias is not None:
-            gw: Tensor = self.group_weight
-            gb: Tensor = self.group_bias
+        if group_weight is not None and group_bias is not None:
+            gw, gb = group_weight, group_bias
             if self.group_affine == "per_group":
                 gw = gw.repeat_interleave(per_group)
                 gb = gb.repeat_interleave(per_group)
             scale = scale * gw
             shift = shift * gw + gb
-        return F.apply_scale_shift(input, scale, shift)
+        return scale, shift
 
     def _syncing(self) -> bool:
         return self.sync and self.training and world_size(self.process_group) > 1

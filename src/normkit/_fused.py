@@ -1,0 +1,319 @@
+"""Fast training paths: batch normalization with a folded per-channel or per-(sample, channel)
+affine, at the cost of one ``torch.batch_norm``.
+
+The reference path of the layers (``functional.batch_moments`` then
+``functional.apply_scale_shift`` under autograd) is the specification and stays in use wherever
+these paths do not apply (split statistics, synchronized statistics, empty batches, eval). Here:
+
+* a per-channel affine (no domain affine, or one domain for the whole batch) folds into the
+  weight and bias of ATen's own batch norm, whose fused kernels and derivative formulas (double
+  backward included) then do all the work;
+* a per-(sample, channel) affine ``y = w[n, c] · x̂ + b[n, c]`` goes through
+  :class:`_AffineBatchNorm`,
+  a custom autograd function: the forward is ATen's batch norm without affine followed by one
+  in-place multiply-add, and the backward is closed-form. It saves the input (which autograd keeps
+  alive anyway) and ``(C,)`` statistics, never ``x̂``; the per-(sample, channel) reductions
+  ``Σ_s g`` and ``Σ_s g · x̂`` it needs come from one call of ATen's batch-norm backward on the
+  ``(1, N·C, S)`` view of a contiguous input.
+
+Both return the batch mean and the biased batch variance (detached, for the running statistics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["batch_norm_train", "fast_paths_apply", "moment_scale_shift"]
+
+
+def _param_dtype(x: Tensor) -> torch.dtype:
+    # ATen's CPU batch norm takes float32 parameters with half-precision inputs (and then keeps
+    # float32 statistics); otherwise parameters must have the input's dtype.
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return x.dtype
+
+
+def _view(t: Tensor, x: Tensor) -> Tensor:
+    """A ``(C,)`` or ``(N, C)`` tensor viewed to broadcast against ``x`` of shape (N, C, ...)."""
+    shape = [t.shape[0] if t.dim() == 2 else 1, x.shape[1]] + [1] * (x.dim() - 2)
+    return t.reshape(shape)
+
+
+def _var(invstd: Tensor, eps: float) -> Tensor:
+    return (invstd.square().reciprocal() - eps).clamp_min(0)
+
+
+def batch_norm_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``weight · (x − μ) / sqrt(σ² + eps) + bias`` with the batch's per-channel μ and biased σ².
+
+    Args:
+        x: ``(N, C, *spatial)`` with ``N · spatial > 0``.
+        weight, bias: None (no affine), ``(C,)`` or ``(N, C)``; both None or both given.
+
+    Returns:
+        ``(y, mean, var)``: ``y`` in ``x``'s dtype and memory format; ``mean`` and ``var`` of
+        shape ``(C,)`` in the statistics dtype, detached.
+    """
+    pdtype = _param_dtype(x)
+    if weight is None or weight.dim() == 1:
+        w = None if weight is None else weight.to(pdtype)
+        b = None if bias is None else bias.to(pdtype)
+        if w is None and pdtype != x.dtype:
+            # Float32 statistics for half inputs need float32 parameters.
+            w = torch.ones(x.shape[1], dtype=pdtype, device=x.device)
+            b = torch.zeros(x.shape[1], dtype=pdtype, device=x.device)
+        y, mean, invstd = torch.native_batch_norm(x, w, b, None, None, True, 0.0, eps)
+        return y, mean.detach(), _var(invstd.detach(), eps)
+    assert bias is not None
+    y, mean, invstd = _AffineBatchNorm.apply(x, weight.to(pdtype), bias.to(pdtype), eps)
+    return y, mean, _var(invstd, eps)
+
+
+def _reference(x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
+    """The same function through autograd (for double backward)."""
+    dims = [0, *range(2, x.dim())]
+    xf = x.to(w.dtype)
+    var, mean = torch.var_mean(xf, dim=dims, correction=0)
+    scale = w * torch.rsqrt(var + eps)
+    shift = b - mean * scale
+    return torch.addcmul(_view(shift, x), xf, _view(scale, x)).to(x.dtype)
+
+
+class _AffineBatchNorm(torch.autograd.Function):
+    """``y = w[n, c] · x̂ + b[n, c]``, with ``x̂`` batch-normalized per channel.
+
+    Backward, with ``g`` the output gradient, ``M = N·S`` and per-(n, c) sums over the spatial
+    positions ``A = Σ_s g`` and ``B = Σ_s g · x̂``:
+
+    ``∂w = B``, ``∂b = A``, and ``∂x = invstd · (w g − Σ_n wA / M − x̂ · Σ_n wB / M)``, which is
+    ``α[n, c] · g + β[c] · x + γ[c]``: two passes over the activation.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, w: Tensor, b: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        ones = torch.ones(x.shape[1], dtype=w.dtype, device=x.device)
+        y, mean, invstd = torch.native_batch_norm(
+            x, ones, torch.zeros_like(ones), None, None, True, 0.0, eps
+        )
+        y.mul_(_view(w, x).to(y.dtype)).add_(_view(b, x).to(y.dtype))
+        return y, mean, invstd
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+        x, w, b, eps = inputs
+        _, mean, invstd = output
+        ctx.save_for_backward(x, w, b, mean, invstd)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, invstd)
+
+    @staticmethod
+    def backward(
+        ctx: Any, gy: Tensor, _gmean: Tensor | None, _ginvstd: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        x, w, b, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiate the reference form, so that second derivatives
+            # see the statistics as functions of x.
+            wanted = [t for t, need in zip((x, w, b), ctx.needs_input_grad[:3]) if need]
+            with torch.enable_grad():
+                grads = iter(
+                    torch.autograd.grad(_reference(x, w, b, ctx.eps), wanted, gy, create_graph=True)
+                )
+            out = [next(grads) if need else None for need in ctx.needs_input_grad[:3]]
+            return out[0], out[1], out[2], None
+        n, c = x.shape[0], x.shape[1]
+        s = x.numel() // (n * c)
+        if x.is_contiguous() and gy.is_contiguous():
+            # Each (n, c) as a channel of a batch of one: ATen's batch-norm backward gives
+            # Σ_s g · (x − μ_c) · invstd_c and Σ_s g in one fused pass.
+            _, bsum, asum = torch.ops.aten.native_batch_norm_backward(
+                gy.reshape(1, n * c, s),
+                x.reshape(1, n * c, s),
+                None,
+                None,
+                None,
+                mean.repeat(n),
+                invstd.repeat(n),
+                True,
+                0.0,
+                [False, True, True],
+            )
+            a = asum.view(n, c).to(w.dtype)
+            bb = bsum.view(n, c).to(w.dtype)
+        else:
+            dims = list(range(2, x.dim()))
+            a = gy.sum(dims, dtype=w.dtype)
+            p = (gy * x).sum(dims, dtype=w.dtype)
+            bb = invstd * (p - mean * a)
+        m = n * s
+        sa = (w * a).sum(0)
+        sb = (w * bb).sum(0)
+        beta = -invstd.square() * sb / m
+        gamma = -invstd * sa / m - mean * beta
+        alpha = invstd * w
+        dx = torch.addcmul(_view(gamma, x).to(x.dtype), x, _view(beta, x).to(x.dtype))
+        dx.addcmul_(gy, _view(alpha, x).to(x.dtype))
+        return dx, bb, a, None
+
+
+def fast_paths_apply(x: Tensor) -> bool:
+    """Whether the fused eager paths may run: not while tracing for ``torch.compile`` or
+    ``torch.export`` (which fuse the reference path themselves) and not under ``torch.func``
+    transforms (the custom functions define no vmap or jvp rule)."""
+    if torch.compiler.is_compiling():
+        return False
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return not (active is not None and active())
+
+
+Fold = Callable[..., tuple[Tensor, Tensor]]
+
+
+def sample_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-(sample, channel) mean and biased variance, without a graph, in few fast passes.
+
+    The same values as :func:`normkit.functional.sample_moments` (whose ``var_mean`` is a slow
+    Welford loop on CPU), from a sum and a sum of squares of ``x − x[..., 0]``: the shift by a
+    value of the same (sample, channel) keeps the cancellation in ``E[d²] − E[d]²`` to a few
+    units in the last place when the mean is far from zero. Statistics dtype as in
+    :func:`normkit.functional.stats_dtype`.
+    """
+    from normkit.functional import stats_dtype
+
+    dtype = stats_dtype(x.dtype)
+    with torch.no_grad():
+        if x.dim() == 2:
+            xf = x.to(dtype)
+            return xf, torch.zeros_like(xf)
+        n, c = x.shape[0], x.shape[1]
+        dims = list(range(2, x.dim()))
+        s = x.numel() // (n * c)
+        first = x[(slice(None), slice(None)) + (0,) * len(dims)].to(dtype)
+        d = torch.sub(x, first.view(n, c, *([1] * len(dims))))
+        mean_d = d.sum(dims) / s
+        sq = torch.linalg.vector_norm(d, dim=dims).square_() / s
+        q = (sq - mean_d.square()).clamp_min_(0)
+        return first + mean_d, q
+
+
+def moment_scale_shift(x: Tensor, m: Tensor, q: Tensor, fold: Fold, *params: Any) -> Tensor:
+    """``y = scale · x + shift`` where ``(scale, shift) = fold(m, q, *params)``.
+
+    ``m`` and ``q`` must be ``x``'s per-(sample, channel) mean and biased variance (from
+    :func:`normkit.functional.sample_moments`, computed without a graph); ``fold`` maps them and
+    ``params`` (tensors or None) to a per-channel ``(C,)`` or per-(sample, channel) ``(N, C)``
+    scale and shift, and must be pure: the backward calls it again. Gradients reach ``x``
+    through the output and through ``m`` and ``q``, and reach every tensor in ``params``.
+
+    The forward is one pass over ``x`` after the moments; the backward is one fused reduction
+    (``Σ_s g`` and ``Σ_s g · x`` per (n, c)), autograd on the ``(N, C)``-sized fold, and one
+    elementwise pass: ``∂x = scale · g + ∂m / S + 2 ∂q (x − m) / S``.
+    """
+    return _MomentScaleShift.apply(x, m.detach(), q.detach(), fold, *params)
+
+
+def _fold_full(fold: Fold, m: Tensor, q: Tensor, params: tuple[Any, ...]) -> tuple[Tensor, Tensor]:
+    scale, shift = fold(m, q, *params)
+    scale, shift = torch.broadcast_tensors(scale, shift)
+    return scale, shift
+
+
+class _MomentScaleShift(torch.autograd.Function):
+    @staticmethod
+    def forward(x: Tensor, m: Tensor, q: Tensor, fold: Fold, *params: Any) -> Tensor:
+        scale, shift = _fold_full(fold, m, q, params)
+        return torch.addcmul(_view(shift, x).to(x.dtype), x, _view(scale, x).to(x.dtype))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        x, m, q, fold, *params = inputs
+        ctx.fold = fold
+        ctx.save_for_backward(x, m, q, *params)
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple[Any, ...]:
+        x, m, q, *params = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        want_params = [i for i, p in enumerate(params) if isinstance(p, Tensor) and needs[4 + i]]
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiate the reference composition, whose second
+            # derivatives see the moments as functions of x.
+            from normkit import functional as F
+
+            with torch.enable_grad():
+                mm, qq = F.sample_moments(x)
+                scale, shift = _fold_full(ctx.fold, mm, qq, tuple(params))
+                y = F.apply_scale_shift(x, scale, shift)
+            wanted = ([x] if needs[0] else []) + [params[i] for i in want_params]
+            grads = list(torch.autograd.grad(y, wanted, gy, create_graph=True, allow_unused=True))
+            dx = grads.pop(0) if needs[0] else None
+            out_p: list[Any] = [None] * len(params)
+            for i, g in zip(want_params, grads):
+                out_p[i] = g
+            return (dx, None, None, None, *out_p)
+
+        leaves = [p.detach().requires_grad_(True) if i in want_params else p
+                  for i, p in enumerate(params)]  # fmt: skip
+        ml = m.detach().requires_grad_(needs[0])
+        ql = q.detach().requires_grad_(needs[0])
+        with torch.enable_grad():
+            scale, shift = _fold_full(ctx.fold, ml, ql, tuple(leaves))
+        a, p = _sums(gy, x, m)
+        if scale.dim() == 1:
+            a, p = a.sum(0), p.sum(0)
+        inputs = ([ml, ql] if needs[0] else []) + [leaves[i] for i in want_params]
+        grads = list(
+            torch.autograd.grad((scale, shift), inputs, (p, a), allow_unused=True) if inputs else ()
+        )
+        dx = None
+        if needs[0]:
+            gm, gq = grads.pop(0), grads.pop(0)
+            n, c = x.shape[0], x.shape[1]
+            s = x.numel() // (n * c)
+            gm = torch.zeros_like(m) if gm is None else gm
+            gq = torch.zeros_like(q) if gq is None else gq
+            alpha = gq * (2.0 / s)
+            beta = gm / s - alpha * m
+            sc = scale.detach().expand(n, c) if scale.dim() == 1 else scale.detach()
+            dx = torch.addcmul(_view(beta, x).to(x.dtype), x, _view(alpha, x).to(x.dtype))
+            dx.addcmul_(gy, _view(sc, x).to(x.dtype))
+        out_params: list[Any] = [None] * len(params)
+        for i, g in zip(want_params, grads):
+            out_params[i] = g
+        return (dx, None, None, None, *out_params)
+
+
+def _sums(gy: Tensor, x: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-(sample, channel) ``Σ_s g`` and ``Σ_s g · x`` (in ``m``'s dtype), in one pass where
+    the layout allows: ATen's batch-norm backward on the ``(1, N·C, S)`` view, centred on ``m``.
+    """
+    n, c = x.shape[0], x.shape[1]
+    if x.dim() == 2:
+        a = gy.to(m.dtype)
+        return a, a * x.to(m.dtype)
+    if x.is_contiguous() and gy.is_contiguous():
+        s = x.numel() // (n * c)
+        flat_m = m.reshape(n * c)
+        _, pc, a = torch.ops.aten.native_batch_norm_backward(
+            gy.reshape(1, n * c, s),
+            x.reshape(1, n * c, s),
+            None,
+            None,
+            None,
+            flat_m,
+            torch.ones_like(flat_m),
+            True,
+            0.0,
+            [False, True, True],
+        )
+        a = a.view(n, c).to(m.dtype)
+        return a, pc.view(n, c).to(m.dtype) + m * a
+    dims = list(range(2, x.dim()))
+    return gy.sum(dims, dtype=m.dtype), (gy * x).sum(dims, dtype=m.dtype)
