@@ -93,33 +93,44 @@ def test_fast_path_equals_reference_channels_last(record: LayerRecord, kind: str
 
 
 def test_the_fast_path_is_taken_exactly_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Shared statistics and one-domain split statistics use it; per-sample split ones do not."""
-    calls: list[int] = []
-    real = _fused.batch_norm_train
+    """Contiguous inputs and per-sample split statistics take the moment-based function; other
+    layouts (channels_last, (N, C)) ATen's batch norm; eval and ``fast = False`` neither."""
+    calls: list[str] = []
 
-    def counting(*a: Any, **k: Any) -> Any:
-        calls.append(1)
-        return real(*a, **k)
+    def counting(name: str) -> Any:
+        real = getattr(_fused, name)
 
-    monkeypatch.setattr("normkit.layers.core.batch_norm_train", counting)
+        def wrapper(*a: Any, **k: Any) -> Any:
+            calls.append(name)
+            return real(*a, **k)
+
+        return wrapper
+
+    for name in ("batch_norm_train", "moment_scale_shift"):
+        monkeypatch.setattr(f"normkit.layers.core.{name}", counting(name))
     x = torch.randn(6, 4, 3, 3)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
     per_sample = torch.tensor([0, 1, 2, 0, 1, 2])
-    cases = [
-        (nk.SandwichBatchNorm2d(4, 3), per_sample, True),
-        (nk.SandwichBatchNorm2d(4, 3), 1, True),
-        (nk.SandwichBatchNorm2d(4, 3, split_stats=True), 1, True),
-        (nk.SandwichBatchNorm2d(4, 3, split_stats=True), per_sample, False),
-        (nk.SandwichBatchNorm2d(4, 3).eval(), per_sample, False),
-    ]
-    for layer, domain, taken in cases:
-        calls.clear()
-        layer(x, domain)
-        assert bool(calls) == taken, (layer, domain)
-    off = nk.SandwichBatchNorm2d(4, 3)
+    off = nk.SandwichBatchNorm2d(4, 3, split_stats=True)
     off.fast = False
-    calls.clear()
-    off(x, 1)
-    assert not calls
+    moments, aten = ["moment_scale_shift"], ["batch_norm_train"]
+    cases = [
+        (nk.SandwichBatchNorm2d(4, 3), x, per_sample, moments),
+        (nk.SandwichBatchNorm2d(4, 3), x_cl, per_sample, aten),
+        (nk.SandwichBatchNorm2d(4, 3), x, 1, moments),
+        (nk.SandwichBatchNorm2d(4, 3), x_cl, 1, aten),
+        (nk.SandwichBatchNorm2d(4, 3, split_stats=True), x, 1, moments),
+        (nk.SandwichBatchNorm2d(4, 3, split_stats=True), x_cl, 1, aten),
+        (nk.SandwichBatchNorm2d(4, 3, split_stats=True), x, per_sample, moments),
+        (nk.SandwichBatchNorm2d(4, 3, split_stats=True), x_cl, per_sample, moments),
+        (nk.SandwichBatchNorm1d(4, 3), x[:, :, 0, 0], per_sample, aten),
+        (nk.SandwichBatchNorm2d(4, 3).eval(), x, per_sample, []),
+        (off, x, per_sample, []),
+    ]
+    for layer, x_in, domain, taken in cases:
+        calls.clear()
+        layer(x_in, domain)
+        assert calls == taken, (layer, domain)
 
 
 def _reference(x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:

@@ -27,7 +27,12 @@ from normkit._checks import (
     check_nonnegative,
     check_positive,
 )
-from normkit._fused import batch_norm_train, fast_paths_apply
+from normkit._fused import (
+    batch_norm_train,
+    fast_paths_apply,
+    moment_scale_shift,
+    sample_moments,
+)
 from normkit._stats import sync_moments, track_batch_, verify_peers, world_size
 
 __all__ = ["DomainIndex", "SyncBatchNorm"]
@@ -239,67 +244,130 @@ class _BatchNormCore(_BatchNorm):
             check_batch_values(name, input)
 
         use_batch = self.training or self.running_mean is None
+        params = self._affines()
         if (
             use_batch
             and self.fast
             and not syncing
             and input.numel() > 0
-            and (not self.split_stats or isinstance(domain, int))
             and fast_paths_apply(input)
         ):
-            return self._fast_forward(input, domain)
+            if self.split_stats and not isinstance(domain, int):
+                return self._fast_split_forward(input, domain, params)
+            if input.dim() > 2 and input.is_contiguous():
+                return self._fast_moment_forward(input, domain, params)
+            return self._fast_forward(input, domain, params)
         if self.split_stats:
             mean, var = self._split_statistics(input, domain, use_batch, syncing)
         else:
             mean, var = self._shared_statistics(input, use_batch, syncing)
-
-        # Fold BN, the shared affine and the per-domain affine into one scale and shift.
-        scale = torch.rsqrt(var + self.eps)
-        shift = -mean * scale
-        if self.affine:
-            scale = scale * self.weight
-            shift = shift * self.weight + self.bias
-        if self.domain_weight is not None and self.domain_bias is not None:
-            if isinstance(domain, int):
-                g, b = self.domain_weight[domain], self.domain_bias[domain]
-            else:
-                g = self.domain_weight.index_select(0, domain)
-                b = self.domain_bias.index_select(0, domain)
-            scale = scale * g
-            shift = shift * g + b
-        scale, shift = torch.broadcast_tensors(scale, shift)
+        scale, shift = self._fold(mean, var, domain, *params)
         return F.apply_scale_shift(input, scale, shift)
 
-    def _fast_forward(self, x: Tensor, domain: DomainIndex) -> Tensor:
+    def _affines(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """``(weight, bias, domain_weight, domain_bias)``, None for the parts that do not exist."""
+        if self.affine:
+            return self.weight, self.bias, self.domain_weight, self.domain_bias
+        return None, None, self.domain_weight, self.domain_bias
+
+    @staticmethod
+    def _combined_affine(
+        domain: DomainIndex,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        domain_weight: Tensor | None,
+        domain_bias: Tensor | None,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """The shared affine followed by the domain's: ``(C,)`` for an int domain or no domain
+        affine, ``(N, C)`` per sample; ``(None, None)`` when there is no affine at all."""
+        if domain_weight is None or domain_bias is None:
+            return weight, bias
+        if isinstance(domain, int):
+            g, b = domain_weight[domain], domain_bias[domain]
+        else:
+            g, b = domain_weight.index_select(0, domain), domain_bias.index_select(0, domain)
+        if weight is None or bias is None:
+            return g, b
+        return weight * g, bias * g + b
+
+    def _fold(
+        self, mean: Tensor, var: Tensor, domain: DomainIndex, *params: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Normalization and both affines as one scale and shift, ``(C,)`` or ``(N, C)``."""
+        scale = torch.rsqrt(var + self.eps)
+        shift = -mean * scale
+        w, b = self._combined_affine(domain, *params)
+        if w is not None and b is not None:
+            scale, shift = scale * w, shift * w + b
+        scale, shift = torch.broadcast_tensors(scale, shift)
+        return scale, shift
+
+    def _fold_split(
+        self, m: Tensor, q: Tensor, domain: Tensor, *params: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`_fold` with per-domain statistics as functions of the per-sample moments."""
+        dmean, dvar, _ = F.domain_moments(m, q, domain, self.num_domains)
+        mean, var = dmean.index_select(0, domain), dvar.index_select(0, domain)
+        return self._fold(mean, var, domain, *params)
+
+    def _fast_forward(
+        self, x: Tensor, domain: DomainIndex, params: tuple[Tensor | None, ...]
+    ) -> Tensor:
         """Batch statistics of the whole (local) batch and the folded affine, in fused kernels.
 
-        Equal to the reference path below (tested to 1e-10 in float64, forward and backward);
-        used in training when the statistics are the whole batch's: shared statistics, or split
+        Equal to the reference path (tested to 1e-10 in float64, forward and backward); used in
+        eager training when the statistics are the whole batch's: shared statistics, or split
         statistics with one domain for the batch, and no synchronization.
         """
-        weight: Tensor | None = self.weight if self.affine else None
-        bias: Tensor | None = self.bias if self.affine else None
-        if self.domain_weight is not None and self.domain_bias is not None:
-            if isinstance(domain, int):
-                g, b = self.domain_weight[domain], self.domain_bias[domain]
-            else:
-                g = self.domain_weight.index_select(0, domain)
-                b = self.domain_bias.index_select(0, domain)
-            if weight is None or bias is None:
-                weight, bias = g, b
-            else:
-                weight, bias = weight * g, bias * g + b
+        weight, bias = self._combined_affine(domain, *params)
         y, mean, var = batch_norm_train(x, weight, bias, self.eps)
-        if self.training and self.running_mean is not None:
-            count = x.numel() // x.shape[1]
-            if self.split_stats:
-                assert isinstance(domain, int)
-                counts = torch.zeros(self.num_domains, dtype=mean.dtype, device=x.device)
-                counts[domain] = count
-                self._update_running(mean.expand(self.num_domains, -1), var, counts)
-            else:
-                self._update_running(mean, var, count)
+        self._track_whole_batch(mean, var, domain, x)
         return y
+
+    def _fast_moment_forward(
+        self, x: Tensor, domain: DomainIndex, params: tuple[Tensor | None, ...]
+    ) -> Tensor:
+        """As :meth:`_fast_forward`, through per-(sample, channel) moments: on a contiguous CPU
+        input, plain sums and one pass per (sample, channel) plane beat ATen's batch norm,
+        whose per-channel Welford loop is slow."""
+        m, q = sample_moments(x)
+        mean, var = F.merge_sample_moments(m, q)
+        self._track_whole_batch(mean, var, domain, x)
+        return moment_scale_shift(x, m, q, self._fold_whole, domain, *params)
+
+    def _fold_whole(
+        self, m: Tensor, q: Tensor, domain: DomainIndex, *params: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`_fold` with the batch statistics as functions of the per-sample moments."""
+        mean, var = F.merge_sample_moments(m, q)
+        return self._fold(mean, var, domain, *params)
+
+    def _track_whole_batch(self, mean: Tensor, var: Tensor, domain: DomainIndex, x: Tensor) -> None:
+        """Running-statistics update from the whole batch's moments (shared statistics, or one
+        domain's split statistics)."""
+        if not self.training or self.running_mean is None:
+            return
+        count = x.numel() // x.shape[1]
+        if self.split_stats:
+            assert isinstance(domain, int)
+            counts = torch.zeros(self.num_domains, dtype=mean.dtype, device=x.device)
+            counts[domain] = count
+            self._update_running(mean.expand(self.num_domains, -1), var, counts)
+        else:
+            self._update_running(mean, var, count)
+
+    def _fast_split_forward(
+        self, x: Tensor, domain: Tensor, params: tuple[Tensor | None, ...]
+    ) -> Tensor:
+        """Per-domain statistics from per-sample moments, and one fused scale-and-shift whose
+        backward differentiates through the moments (:func:`normkit._fused.moment_scale_shift`).
+        """
+        m, q = sample_moments(x)
+        if self.training and self.running_mean is not None:
+            dmean, dvar, dcount = F.domain_moments(m, q, domain, self.num_domains)
+            spatial = x.numel() // (x.shape[0] * x.shape[1])
+            self._update_running(dmean, dvar, dcount * spatial)
+        return moment_scale_shift(x, m, q, self._fold_split, domain, *params)
 
     def _shared_statistics(
         self, x: Tensor, use_batch: bool, syncing: bool
