@@ -39,6 +39,11 @@ __all__ = ["DomainIndex", "SyncBatchNorm"]
 
 DomainIndex = int | Tensor
 
+MOMENT_PATH_MIN_NUMEL = 1 << 19
+"""Contiguous training inputs of at least this many elements take the moment-based fast path
+(plain sums beat ATen's batch-norm reduction on CPU); smaller ones ATen's batch norm, whose fewer
+operator calls win when per-call overhead dominates. Chosen from 2-core CPU timings."""
+
 
 class _BatchNormCore(_BatchNorm):
     """Statistics (shared or per domain, local or synchronized), then one folded affine.
@@ -254,7 +259,7 @@ class _BatchNormCore(_BatchNorm):
         ):
             if self.split_stats and not isinstance(domain, int):
                 return self._fast_split_forward(input, domain, params)
-            if input.dim() > 2 and input.is_contiguous():
+            if input.dim() > 2 and input.is_contiguous() and input.numel() >= MOMENT_PATH_MIN_NUMEL:
                 return self._fast_moment_forward(input, domain, params)
             return self._fast_forward(input, domain, params)
         if self.split_stats:
