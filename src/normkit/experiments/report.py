@@ -190,8 +190,8 @@ def render_terminal(results: Mapping[str, Any]) -> str:
         parts.append(
             f"\nclaim: {c['text']}\n  {_comparison(c)} on {c['metric']}"
             f": mean diff {_format_diff(c)}, n={c.get('n', 0)}, "
-            f"one-sided paired t-test p {_p_clause(c.get('p'))} -> {c['verdict'].upper()}"
-            + (f" ({c['note']})" if c.get("note") else "")
+            f"one-sided {c.get('test', 'paired t-test')} p {_p_clause(c.get('p'))} "
+            f"-> {c['verdict'].upper()}" + (f" ({c['note']})" if c.get("note") else "")
         )
     return "\n".join(parts)
 
@@ -220,9 +220,10 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     ]
     if results["claims"]:
         out += [
-            "Each claim is a one-sided paired t-test over seeds "
-            "(`scipy.stats.ttest_rel`, alternative in the claimed direction; held at p ≤ alpha, "
-            "did not hold when the opposite direction is significant, inconclusive otherwise).",
+            "Each claim is a one-sided paired t-test over seeds unless its note names another "
+            "test (`scipy.stats.ttest_rel`, alternative in the claimed direction; held at "
+            "p ≤ alpha, did not hold when the opposite direction is significant, inconclusive "
+            "otherwise).",
             "",
             markdown_table(
                 [*_CLAIM_HEADERS, "note"],

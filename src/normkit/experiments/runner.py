@@ -672,7 +672,7 @@ def build_results(
         for claim in study.claims_for(config)
         for test in _claim_tests(claim, values, settings, seeds)
     ]
-    return {
+    results = {
         "study": study.name,
         "title": study.title,
         "paper": study.paper,
@@ -687,6 +687,8 @@ def build_results(
         "curves": curves,
         "claims": claims,
     }
+    results["claims"] = claims + list(study.extra_claims(results))
+    return results
 
 
 def _figures(study: Study, results: dict[str, Any], study_dir: Path, note: Any) -> list[str]:

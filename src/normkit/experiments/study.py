@@ -129,6 +129,15 @@ class Study:
         """
         raise NotImplementedError
 
+    def extra_claims(self, results: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Claim tests other than the paired t-test of :class:`Claim` (default: none).
+
+        Called once the aggregates and the t-test claims are in ``results``; each returned
+        entry has the keys of a t-test entry of ``results["claims"]`` plus ``"test"`` (the
+        test's name) and ``"note"`` (what it tests), and is appended to the claims.
+        """
+        return []
+
     def figures(self, results: Mapping[str, Any], out_dir: Path) -> list[Path]:
         """Write the study's PNG figures into ``out_dir``; return their paths.
 
