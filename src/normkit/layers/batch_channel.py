@@ -157,7 +157,7 @@ class _BatchChannelNorm(_BatchNorm):
             self.fast
             and self.training
             and not syncing
-            and input.numel() > 0
+            and input.numel() >= max(_fused.MOMENT_PATH_MIN_NUMEL, 1)
             and _fused.fast_paths_apply(input)
         ):
             # Moments without a graph; the fused function differentiates through them.

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normkit import _fused
 from normkit import functional as F
 from normkit._checks import (
     check_batch_values,
@@ -38,11 +39,6 @@ from normkit._stats import sync_moments, track_batch_, verify_peers, world_size
 __all__ = ["DomainIndex", "SyncBatchNorm"]
 
 DomainIndex = int | Tensor
-
-MOMENT_PATH_MIN_NUMEL = 1 << 19
-"""Contiguous training inputs of at least this many elements take the moment-based fast path
-(plain sums beat ATen's batch-norm reduction on CPU); smaller ones ATen's batch norm, whose fewer
-operator calls win when per-call overhead dominates. Chosen from 2-core CPU timings."""
 
 
 class _BatchNormCore(_BatchNorm):
@@ -257,11 +253,14 @@ class _BatchNormCore(_BatchNorm):
             and input.numel() > 0
             and fast_paths_apply(input)
         ):
+            large = input.numel() >= _fused.MOMENT_PATH_MIN_NUMEL
             if self.split_stats and not isinstance(domain, int):
-                return self._fast_split_forward(input, domain, params)
-            if input.dim() > 2 and input.is_contiguous() and input.numel() >= MOMENT_PATH_MIN_NUMEL:
+                if large:
+                    return self._fast_split_forward(input, domain, params)
+            elif large and input.dim() > 2 and input.is_contiguous():
                 return self._fast_moment_forward(input, domain, params)
-            return self._fast_forward(input, domain, params)
+            else:
+                return self._fast_forward(input, domain, params)
         if self.split_stats:
             mean, var = self._split_statistics(input, domain, use_batch, syncing)
         else:
