@@ -37,7 +37,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -77,45 +76,6 @@ def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
 
 def _conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
-
-
-def _fusable(*modules: nn.Module) -> bool:
-    """Whether a Fixup branch may run in its fused form: plain bias-free, zero-padded
-    ``nn.Conv2d`` and normkit's own scalars, none hooked (a converted conv, a WS conv say, or a
-    hook keeps the module-by-module form)."""
-    for m in modules:
-        if m._forward_hooks or m._forward_pre_hooks:
-            return False
-        if type(m) is nn.Conv2d:
-            if m.bias is not None or m.padding_mode != "zeros":
-                return False
-        elif type(m) not in (Bias, Scale):
-            return False
-    return True
-
-
-def _scalar(m: Bias | Scale, like: Tensor) -> Tensor:
-    p = m.bias if isinstance(m, Bias) else m.weight
-    return p.to(like.dtype).reshape(())
-
-
-def _conv(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """``conv`` with the given weight and a scalar bias added by the convolution kernel."""
-    bias = bias.expand(conv.out_channels)
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-
-def _conv_relu_plus(conv: nn.Conv2d, x: Tensor, before: Bias, after: Bias) -> Tensor:
-    """``relu(conv(x) + before) + after`` as ``max(conv(x) + (before + after), after)``: the
-    scalar sum rides in the convolution's bias, and one clamp replaces the ReLU and the add."""
-    b, a = _scalar(before, conv.weight), _scalar(after, conv.weight)
-    return torch.clamp_min(_conv(conv, x, conv.weight, b + a), a)
-
-
-def _scaled_conv_plus(conv: nn.Conv2d, x: Tensor, scale: Scale, bias: Bias) -> Tensor:
-    """``scale · conv(x) + bias`` as one convolution with weight ``scale · W`` and bias ``bias``."""
-    w = conv.weight * _scalar(scale, conv.weight)
-    return _conv(conv, x, w, _scalar(bias, conv.weight))
 
 
 def _norm(norm_layer: NormLayer | None, channels: int) -> nn.Module:
@@ -317,9 +277,6 @@ class FixupBasicBlock(_ResidualBlock):
         self.downsample = _downsample(shortcut, in_channels, planes, stride, None, True)
 
     def _branch(self, a: Tensor) -> Tensor:
-        if _fusable(self.conv1, self.bias1b, self.bias2a, self.conv2, self.scale, self.bias2b):
-            h = _conv_relu_plus(self.conv1, a, self.bias1b, self.bias2a)
-            return _scaled_conv_plus(self.conv2, h, self.scale, self.bias2b)
         h = F.relu(self.bias1b(self.conv1(a)))
         return self.bias2b(self.scale(self.conv2(self.bias2a(h))))
 
@@ -376,11 +333,6 @@ class FixupBottleneck(_ResidualBlock):
         self.downsample = _downsample(shortcut, in_channels, out_channels, stride, None, True)
 
     def _branch(self, a: Tensor) -> Tensor:
-        parts = (self.conv1, self.bias1b, self.bias2a, self.conv2, self.bias2b, self.bias3a)
-        if _fusable(*parts, self.conv3, self.scale, self.bias3b):
-            h = _conv_relu_plus(self.conv1, a, self.bias1b, self.bias2a)
-            h = _conv_relu_plus(self.conv2, h, self.bias2b, self.bias3a)
-            return _scaled_conv_plus(self.conv3, h, self.scale, self.bias3b)
         h = F.relu(self.bias1b(self.conv1(a)))
         h = F.relu(self.bias2b(self.conv2(self.bias2a(h))))
         return self.bias3b(self.scale(self.conv3(self.bias3a(h))))
