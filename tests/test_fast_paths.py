@@ -205,12 +205,9 @@ def test_custom_backward_equals_autograd_of_the_formula_channels_last() -> None:
         memory_format=torch.channels_last
     )
     grads = []
-    for fn in (lambda x, w, b: _fused.batch_norm_train(x, w, b, 1e-5)[0], _reference):
+    for fn in (lambda *a: _fused.batch_norm_train(*a)[0], _reference):
         x, w, b = (t.clone().requires_grad_(True) for t in (x0, w0, b0))
-        if fn is _reference:
-            y = fn(x, w, b, 1e-5)
-        else:
-            y = fn(x, w, b)
+        y = fn(x, w, b, 1e-5)
         grads.append(torch.autograd.grad(y, (x, w, b), up))
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, **TOL)
