@@ -137,6 +137,8 @@ def _studies_help() -> str:
 
 
 def _build_parser() -> _Parser:
+    from normkit.experiments.studies import STUDY_NAMES
+
     parser = _Parser(
         prog="normkit",
         allow_abbrev=False,
@@ -154,7 +156,7 @@ def _build_parser() -> _Parser:
         allow_abbrev=False,
     )
     rep.studies_help = True
-    rep.add_argument("study", help="microbatch, depth, domains, revisited, or all", metavar="STUDY")
+    rep.add_argument("study", help=f"{', '.join(STUDY_NAMES)}, or all", metavar="STUDY")
     rep.add_argument("--quick", action="store_true", help="small sizes, for a first look")
     rep.add_argument("--seeds", type=_positive_int, help="number of paired seeds")
     rep.add_argument(

@@ -13,7 +13,16 @@ from normkit.experiments.study import Study
 
 __all__ = ["STUDY_NAMES", "StudyUnavailable", "load_study"]
 
-STUDY_NAMES: tuple[str, ...] = ("microbatch", "depth", "domains", "revisited", "nas", "style")
+STUDY_NAMES: tuple[str, ...] = (
+    "microbatch",
+    "depth",
+    "domains",
+    "revisited",
+    "gan",
+    "adversarial",
+    "nas",
+    "style",
+)
 """Every study, in the order ``normkit reproduce all`` runs them."""
 
 
