@@ -158,3 +158,31 @@ class Study:
         ``normkit.experiments.report`` has helpers for titled, legended plots with error bars.
         """
         return []
+
+
+def option_flag(key: str) -> str:
+    """The command-line flag of a config key: ``batch_size`` is ``--batch-size``."""
+    return "--" + key.replace("_", "-")
+
+
+def merge_config(
+    study: str,
+    defaults: Mapping[str, Any],
+    quick_values: Mapping[str, Any],
+    quick: bool,
+    overrides: Mapping[str, Any],
+) -> dict[str, Any]:
+    """A study's config: ``defaults``, then ``quick_values`` if ``quick``, then every override
+    that is not None (lists copied). An override of a key ``defaults`` lacks raises
+    :class:`ConfigError` naming the study, the option and the known ones; checking the values is
+    the study's."""
+    cfg = dict(defaults)
+    if quick:
+        cfg.update(quick_values)
+    for key, value in overrides.items():
+        if key not in defaults:
+            known = ", ".join(map(option_flag, defaults))
+            raise ConfigError(f"study {study}: {option_flag(key)}: unknown option; known: {known}")
+        if value is not None:
+            cfg[key] = list(value) if isinstance(value, (list, tuple)) else value
+    return cfg

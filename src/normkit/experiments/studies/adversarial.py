@@ -77,7 +77,16 @@ from torch.nn import functional as F
 
 import normkit as nk
 from normkit.experiments.data import NUM_CLASSES, digits_split
-from normkit.experiments.study import Claim, ConfigError, Metrics, Progress, Run, Study
+from normkit.experiments.study import (
+    Claim,
+    ConfigError,
+    Metrics,
+    Progress,
+    Run,
+    Study,
+    merge_config,
+    option_flag,
+)
 
 __all__ = ["METHODS", "STUDY", "AdversarialStudy", "Net", "frozen_buffers", "pgd_attack"]
 
@@ -251,17 +260,7 @@ class AdversarialStudy(Study):
         An override of ``None`` keeps the default; a bad or unknown option raises
         :class:`ConfigError` naming it.
         """
-        cfg = dict(_DEFAULTS)
-        if quick:
-            cfg.update(_QUICK)
-        for key, value in overrides.items():
-            if key not in _DEFAULTS:
-                raise ConfigError(
-                    f"study adversarial: {_flag(key)}: unknown option; known: "
-                    f"{', '.join(map(_flag, _DEFAULTS))}"
-                )
-            if value is not None:
-                cfg[key] = list(value) if key == "methods" else value
+        cfg = merge_config("adversarial", _DEFAULTS, _QUICK, quick, overrides)
         _validate(cfg)
         return cfg
 
@@ -358,25 +357,25 @@ class AdversarialStudy(Study):
         return _figures(results, Path(out_dir))
 
 
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
 def _validate(cfg: dict[str, Any]) -> None:
     for key in ("epochs", "batch_size", "width", "train_steps", "seeds"):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(
-                f"study adversarial: {_flag(key)}: expected a positive integer, got {v!r}"
+                f"study adversarial: {option_flag(key)}: expected a positive integer, got {v!r}"
             )
     for key in ("lr", "weight_decay", "eps", "step"):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ConfigError(f"study adversarial: {_flag(key)}: expected a number >= 0, got {v!r}")
+            raise ConfigError(
+                f"study adversarial: {option_flag(key)}: expected a number >= 0, got {v!r}"
+            )
         cfg[key] = float(v)
     for key in ("lr", "eps", "step"):
         if cfg[key] == 0:
-            raise ConfigError(f"study adversarial: {_flag(key)}: expected a number > 0, got 0")
+            raise ConfigError(
+                f"study adversarial: {option_flag(key)}: expected a number > 0, got 0"
+            )
     if cfg["eps"] > 1:
         raise ConfigError(f"study adversarial: --eps: expected at most 1, got {cfg['eps']}")
     if not 2 <= cfg["batch_size"] <= 1347:

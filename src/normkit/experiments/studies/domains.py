@@ -66,7 +66,16 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import normkit
-from normkit.experiments.study import Claim, ConfigError, Metrics, Progress, Run, Study
+from normkit.experiments.study import (
+    Claim,
+    ConfigError,
+    Metrics,
+    Progress,
+    Run,
+    Study,
+    merge_config,
+    option_flag,
+)
 
 __all__ = ["DOMAINS", "METHODS", "STUDY", "DomainsStudy"]
 
@@ -222,16 +231,7 @@ class DomainsStudy(Study):
         An override of ``None`` keeps the default. Raises :class:`ConfigError` naming the option
         for an unknown option or a bad value.
         """
-        cfg = dict(_DEFAULTS)
-        if quick:
-            cfg.update(_QUICK)
-        for key, value in overrides.items():
-            if key not in _DEFAULTS:
-                raise ConfigError(
-                    f"{_flag(key)}: unknown option; known: {', '.join(map(_flag, _DEFAULTS))}"
-                )
-            if value is not None:
-                cfg[key] = list(value) if key == "methods" else value
+        cfg = merge_config("domains", _DEFAULTS, _QUICK, quick, overrides)
         _validate(cfg)
         return cfg
 
@@ -319,21 +319,17 @@ class DomainsStudy(Study):
         return _figures(results, Path(out_dir))
 
 
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
 def _validate(cfg: dict[str, Any]) -> None:
     for key in ("epochs", "batch_size", "width", "train_size", "seeds"):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"{_flag(key)}: expected a positive integer, got {v!r}")
+            raise ConfigError(f"{option_flag(key)}: expected a positive integer, got {v!r}")
     if isinstance(cfg["data_seed"], bool) or not isinstance(cfg["data_seed"], int):
         raise ConfigError(f"--data-seed: expected an integer, got {cfg['data_seed']!r}")
     for key in ("lr", "momentum"):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ConfigError(f"{_flag(key)}: expected a number >= 0, got {v!r}")
+            raise ConfigError(f"{option_flag(key)}: expected a number >= 0, got {v!r}")
         cfg[key] = float(v)
     if cfg["lr"] == 0:
         raise ConfigError("--lr: expected a learning rate > 0, got 0")

@@ -91,7 +91,16 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 import normkit as nk
 from normkit.experiments.data import NUM_CLASSES, digits_split
-from normkit.experiments.study import Claim, ConfigError, Metrics, Progress, Run, Study
+from normkit.experiments.study import (
+    Claim,
+    ConfigError,
+    Metrics,
+    Progress,
+    Run,
+    Study,
+    merge_config,
+    option_flag,
+)
 
 __all__ = [
     "METHODS",
@@ -446,17 +455,7 @@ class GanStudy(Study):
         An override of ``None`` keeps the default; a bad or unknown option raises
         :class:`ConfigError` naming it.
         """
-        cfg = dict(_DEFAULTS)
-        if quick:
-            cfg.update(_QUICK)
-        for key, value in overrides.items():
-            if key not in _DEFAULTS:
-                raise ConfigError(
-                    f"study gan: {_flag(key)}: unknown option; known: "
-                    f"{', '.join(map(_flag, _DEFAULTS))}"
-                )
-            if value is not None:
-                cfg[key] = list(value) if key == "methods" else value
+        cfg = merge_config("gan", _DEFAULTS, _QUICK, quick, overrides)
         _validate(cfg)
         return cfg
 
@@ -570,26 +569,24 @@ class GanStudy(Study):
         return _figures(results, Path(out_dir))
 
 
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
 def _validate(cfg: dict[str, Any]) -> None:
     for key in _INT_KEYS:
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"study gan: {_flag(key)}: expected a positive integer, got {v!r}")
+            raise ConfigError(
+                f"study gan: {option_flag(key)}: expected a positive integer, got {v!r}"
+            )
     for key in ("lr", "beta1", "beta2"):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ConfigError(f"study gan: {_flag(key)}: expected a number, got {v!r}")
+            raise ConfigError(f"study gan: {option_flag(key)}: expected a number, got {v!r}")
         cfg[key] = float(v)
     if cfg["lr"] <= 0:
         raise ConfigError(f"study gan: --lr: expected a learning rate > 0, got {cfg['lr']}")
     for key in ("beta1", "beta2"):
         if not 0.0 <= cfg[key] < 1.0:
             raise ConfigError(
-                f"study gan: {_flag(key)}: expected a number in [0, 1), got {cfg[key]}"
+                f"study gan: {option_flag(key)}: expected a number in [0, 1), got {cfg[key]}"
             )
     if cfg["eval_per_class"] < 2:
         raise ConfigError(

@@ -98,7 +98,16 @@ from torch.nn import functional as F
 
 import normkit as nk
 from normkit.experiments import data, stats, training
-from normkit.experiments.study import Claim, ConfigError, Metrics, Progress, Run, Study
+from normkit.experiments.study import (
+    Claim,
+    ConfigError,
+    Metrics,
+    Progress,
+    Run,
+    Study,
+    merge_config,
+    option_flag,
+)
 
 __all__ = [
     "EDGES",
@@ -568,16 +577,7 @@ class NasStudy(Study):
 
         An override of ``None`` keeps the default. Raises :class:`ConfigError` naming the option.
         """
-        cfg = dict(_DEFAULTS)
-        if quick:
-            cfg.update(_QUICK)
-        for key, value in overrides.items():
-            if key not in _DEFAULTS:
-                raise ConfigError(
-                    f"{_flag(key)}: unknown option; known: {', '.join(map(_flag, _DEFAULTS))}"
-                )
-            if value is not None:
-                cfg[key] = list(value) if key == "methods" else value
+        cfg = merge_config("nas", _DEFAULTS, _QUICK, quick, overrides)
         _validate(cfg)
         return cfg
 
@@ -701,10 +701,6 @@ class NasStudy(Study):
 # Options
 
 
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
 def _validate(cfg: dict[str, Any]) -> None:
     for key in (
         "width",
@@ -717,15 +713,15 @@ def _validate(cfg: dict[str, Any]) -> None:
     ):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"{_flag(key)}: expected a positive integer, got {v!r}")
+            raise ConfigError(f"{option_flag(key)}: expected a positive integer, got {v!r}")
     for key in ("warmup_epochs", "data_seed"):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ConfigError(f"{_flag(key)}: expected an integer >= 0, got {v!r}")
+            raise ConfigError(f"{option_flag(key)}: expected an integer >= 0, got {v!r}")
     for key in ("w_lr", "arch_lr", "retrain_lr"):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise ConfigError(f"{_flag(key)}: expected a number > 0, got {v!r}")
+            raise ConfigError(f"{option_flag(key)}: expected a number > 0, got {v!r}")
         cfg[key] = float(v)
     methods = cfg["methods"]
     unknown = [m for m in methods if m not in METHODS]

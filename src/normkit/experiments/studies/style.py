@@ -83,7 +83,16 @@ from torch.nn import functional as F
 
 import normkit as nk
 from normkit.experiments import data, stats
-from normkit.experiments.study import Claim, ConfigError, Metrics, Progress, Run, Study
+from normkit.experiments.study import (
+    Claim,
+    ConfigError,
+    Metrics,
+    Progress,
+    Run,
+    Study,
+    merge_config,
+    option_flag,
+)
 
 __all__ = [
     "METHODS",
@@ -347,16 +356,7 @@ class StyleStudy(Study):
 
         An override of ``None`` keeps the default. Raises :class:`ConfigError` naming the option.
         """
-        cfg = dict(_DEFAULTS)
-        if quick:
-            cfg.update(_QUICK)
-        for key, value in overrides.items():
-            if key not in _DEFAULTS:
-                raise ConfigError(
-                    f"{_flag(key)}: unknown option; known: {', '.join(map(_flag, _DEFAULTS))}"
-                )
-            if value is not None:
-                cfg[key] = list(value) if key == "methods" else value
+        cfg = merge_config("style", _DEFAULTS, _QUICK, quick, overrides)
         _validate(cfg)
         return cfg
 
@@ -491,10 +491,6 @@ def _image_lists(images: Tensor) -> list[Any]:
 # Options
 
 
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
 def _validate(cfg: dict[str, Any]) -> None:
     for key in (
         "num_styles",
@@ -507,15 +503,15 @@ def _validate(cfg: dict[str, Any]) -> None:
     ):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"{_flag(key)}: expected a positive integer, got {v!r}")
+            raise ConfigError(f"{option_flag(key)}: expected a positive integer, got {v!r}")
     for key in ("n_examples", "data_seed"):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ConfigError(f"{_flag(key)}: expected an integer >= 0, got {v!r}")
+            raise ConfigError(f"{option_flag(key)}: expected an integer >= 0, got {v!r}")
     for key in ("lr", "content_weight", "style_weight"):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ConfigError(f"{_flag(key)}: expected a number >= 0, got {v!r}")
+            raise ConfigError(f"{option_flag(key)}: expected a number >= 0, got {v!r}")
         cfg[key] = float(v)
     if cfg["lr"] == 0:
         raise ConfigError("--lr: expected a learning rate > 0, got 0")
