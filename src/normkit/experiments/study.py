@@ -9,6 +9,7 @@ seeds, and writes ``results.json``, ``report.md`` and the study's figures.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,3 +187,35 @@ def merge_config(
         if value is not None:
             cfg[key] = list(value) if isinstance(value, (list, tuple)) else value
     return cfg
+
+
+def check_ints(study: str, cfg: Mapping[str, Any], keys: Sequence[str], minimum: int = 1) -> None:
+    """Raise :class:`ConfigError` unless each ``cfg[key]`` is an int (no bool) >= ``minimum``."""
+    for key in keys:
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise ConfigError(f"study {study}: {option_flag(key)}: expected {what}, got {v!r}")
+
+
+def check_numbers(
+    study: str,
+    cfg: dict[str, Any],
+    keys: Sequence[str],
+    *,
+    minimum: float | None = 0.0,
+    strict: bool = False,
+) -> None:
+    """Raise :class:`ConfigError` unless every ``cfg[key]`` is a finite number, at least
+    ``minimum`` (above it with ``strict``; unbounded with None); store each as a float."""
+    for key in keys:
+        v = cfg[key]
+        bad = isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+        if not bad and minimum is not None:
+            bad = v <= minimum if strict else v < minimum
+        if bad:
+            what = "a number"
+            if minimum is not None:
+                what += f" {'>' if strict else '>='} {minimum:g}"
+            raise ConfigError(f"study {study}: {option_flag(key)}: expected {what}, got {v!r}")
+        cfg[key] = float(v)

@@ -84,6 +84,8 @@ from normkit.experiments.study import (
     Progress,
     Run,
     Study,
+    check_ints,
+    check_numbers,
     merge_config,
     option_flag,
 )
@@ -358,19 +360,8 @@ class AdversarialStudy(Study):
 
 
 def _validate(cfg: dict[str, Any]) -> None:
-    for key in ("epochs", "batch_size", "width", "train_steps", "seeds"):
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(
-                f"study adversarial: {option_flag(key)}: expected a positive integer, got {v!r}"
-            )
-    for key in ("lr", "weight_decay", "eps", "step"):
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ConfigError(
-                f"study adversarial: {option_flag(key)}: expected a number >= 0, got {v!r}"
-            )
-        cfg[key] = float(v)
+    check_ints("adversarial", cfg, ("epochs", "batch_size", "width", "train_steps", "seeds"))
+    check_numbers("adversarial", cfg, ("lr", "weight_decay", "eps", "step"))
     for key in ("lr", "eps", "step"):
         if cfg[key] == 0:
             raise ConfigError(

@@ -73,8 +73,9 @@ from normkit.experiments.study import (
     Progress,
     Run,
     Study,
+    check_ints,
+    check_numbers,
     merge_config,
-    option_flag,
 )
 
 __all__ = ["DOMAINS", "METHODS", "STUDY", "DomainsStudy"]
@@ -320,17 +321,10 @@ class DomainsStudy(Study):
 
 
 def _validate(cfg: dict[str, Any]) -> None:
-    for key in ("epochs", "batch_size", "width", "train_size", "seeds"):
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"{option_flag(key)}: expected a positive integer, got {v!r}")
+    check_ints("domains", cfg, ("epochs", "batch_size", "width", "train_size", "seeds"))
     if isinstance(cfg["data_seed"], bool) or not isinstance(cfg["data_seed"], int):
         raise ConfigError(f"--data-seed: expected an integer, got {cfg['data_seed']!r}")
-    for key in ("lr", "momentum"):
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ConfigError(f"{option_flag(key)}: expected a number >= 0, got {v!r}")
-        cfg[key] = float(v)
+    check_numbers("domains", cfg, ("lr", "momentum"))
     if cfg["lr"] == 0:
         raise ConfigError("--lr: expected a learning rate > 0, got 0")
     methods = cfg["methods"]

@@ -98,6 +98,8 @@ from normkit.experiments.study import (
     Progress,
     Run,
     Study,
+    check_ints,
+    check_numbers,
     merge_config,
     option_flag,
 )
@@ -570,17 +572,8 @@ class GanStudy(Study):
 
 
 def _validate(cfg: dict[str, Any]) -> None:
-    for key in _INT_KEYS:
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(
-                f"study gan: {option_flag(key)}: expected a positive integer, got {v!r}"
-            )
-    for key in ("lr", "beta1", "beta2"):
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ConfigError(f"study gan: {option_flag(key)}: expected a number, got {v!r}")
-        cfg[key] = float(v)
+    check_ints("gan", cfg, _INT_KEYS)
+    check_numbers("gan", cfg, ("lr", "beta1", "beta2"), minimum=None)
     if cfg["lr"] <= 0:
         raise ConfigError(f"study gan: --lr: expected a learning rate > 0, got {cfg['lr']}")
     for key in ("beta1", "beta2"):

@@ -105,8 +105,9 @@ from normkit.experiments.study import (
     Progress,
     Run,
     Study,
+    check_ints,
+    check_numbers,
     merge_config,
-    option_flag,
 )
 
 __all__ = [
@@ -702,27 +703,21 @@ class NasStudy(Study):
 
 
 def _validate(cfg: dict[str, Any]) -> None:
-    for key in (
-        "width",
-        "search_epochs",
-        "search_size",
-        "batch_size",
-        "retrain_epochs",
-        "train_size",
-        "seeds",
-    ):
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"{option_flag(key)}: expected a positive integer, got {v!r}")
-    for key in ("warmup_epochs", "data_seed"):
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ConfigError(f"{option_flag(key)}: expected an integer >= 0, got {v!r}")
-    for key in ("w_lr", "arch_lr", "retrain_lr"):
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise ConfigError(f"{option_flag(key)}: expected a number > 0, got {v!r}")
-        cfg[key] = float(v)
+    check_ints(
+        "nas",
+        cfg,
+        (
+            "width",
+            "search_epochs",
+            "search_size",
+            "batch_size",
+            "retrain_epochs",
+            "train_size",
+            "seeds",
+        ),
+    )
+    check_ints("nas", cfg, ("warmup_epochs", "data_seed"), minimum=0)
+    check_numbers("nas", cfg, ("w_lr", "arch_lr", "retrain_lr"), strict=True)
     methods = cfg["methods"]
     unknown = [m for m in methods if m not in METHODS]
     if not methods or unknown:

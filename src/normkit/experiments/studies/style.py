@@ -90,8 +90,9 @@ from normkit.experiments.study import (
     Progress,
     Run,
     Study,
+    check_ints,
+    check_numbers,
     merge_config,
-    option_flag,
 )
 
 __all__ = [
@@ -492,27 +493,21 @@ def _image_lists(images: Tensor) -> list[Any]:
 
 
 def _validate(cfg: dict[str, Any]) -> None:
-    for key in (
-        "num_styles",
-        "encoder_epochs",
-        "steps",
-        "batch_size",
-        "eval_every",
-        "val_pairs",
-        "seeds",
-    ):
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"{option_flag(key)}: expected a positive integer, got {v!r}")
-    for key in ("n_examples", "data_seed"):
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ConfigError(f"{option_flag(key)}: expected an integer >= 0, got {v!r}")
-    for key in ("lr", "content_weight", "style_weight"):
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ConfigError(f"{option_flag(key)}: expected a number >= 0, got {v!r}")
-        cfg[key] = float(v)
+    check_ints(
+        "style",
+        cfg,
+        (
+            "num_styles",
+            "encoder_epochs",
+            "steps",
+            "batch_size",
+            "eval_every",
+            "val_pairs",
+            "seeds",
+        ),
+    )
+    check_ints("style", cfg, ("n_examples", "data_seed"), minimum=0)
+    check_numbers("style", cfg, ("lr", "content_weight", "style_weight"))
     if cfg["lr"] == 0:
         raise ConfigError("--lr: expected a learning rate > 0, got 0")
     if cfg["val_pairs"] > data.TEST_SIZE:
