@@ -69,6 +69,19 @@ def aggregate(values: Sequence[float | None]) -> dict[str, Any]:
     return {"mean": mean, "std": std, "n": n, "n_missing": len(clean) - n, "values": clean}
 
 
+def finite_values(values: Sequence[Any]) -> list[float]:
+    """The finite values, in order (None, NaN, infinities and non-numbers dropped)."""
+    return [v for v in map(finite_or_none, values) if v is not None]
+
+
+def mean_std(values: Sequence[Any]) -> tuple[float, float]:
+    """:func:`aggregate`'s mean and std as plain floats for plotting: NaN and 0.0 when no value
+    is finite."""
+    agg = aggregate(list(values))
+    mean = agg["mean"] if agg["mean"] is not None else math.nan
+    return mean, agg["std"] if agg["std"] is not None else 0.0
+
+
 def aggregate_curves(curves: Sequence[Sequence[float | None]]) -> dict[str, Any]:
     """Pointwise mean and std of curves, over the curves long enough to reach each point."""
     length = max((len(c) for c in curves), default=0)

@@ -219,3 +219,39 @@ def check_numbers(
                 what += f" {'>' if strict else '>='} {minimum:g}"
             raise ConfigError(f"study {study}: {option_flag(key)}: expected {what}, got {v!r}")
         cfg[key] = float(v)
+
+
+def check_methods(study: str, cfg: dict[str, Any], known: Sequence[str]) -> None:
+    """Raise :class:`ConfigError` unless ``cfg["methods"]`` is a non-empty subset of ``known``;
+    put them in ``known``'s order."""
+    methods = cfg["methods"]
+    unknown = [m for m in methods if m not in known]
+    if not methods or unknown:
+        raise ConfigError(
+            f"study {study}: --methods: expected some of {', '.join(known)}, got "
+            f"{', '.join(map(str, methods)) or 'none'}"
+        )
+    cfg["methods"] = [m for m in known if m in methods]
+
+
+def runs_by_method(
+    results: Mapping[str, Any], order: Sequence[str]
+) -> dict[str, list[tuple[int, Mapping[str, Any]]]]:
+    """``(seed, metrics)`` of each finished run in ``results["runs"]``, grouped by method (in
+    ``order``, then any other method by name) and sorted by seed."""
+    groups: dict[str, list[tuple[int, Mapping[str, Any]]]] = {}
+    for entry in results.get("runs", {}).values():
+        metrics = entry.get("metrics")
+        if not metrics:
+            continue
+        run = entry["run"]
+        groups.setdefault(run["method"], []).append((int(run["seed"]), metrics))
+    names = [m for m in order if m in groups] + sorted(set(groups) - set(order))
+    return {m: sorted(groups[m], key=lambda t: t[0]) for m in names}
+
+
+def metrics_by_method(
+    results: Mapping[str, Any], order: Sequence[str]
+) -> dict[str, list[Mapping[str, Any]]]:
+    """:func:`runs_by_method` without the seeds."""
+    return {m: [met for _, met in runs] for m, runs in runs_by_method(results, order).items()}

@@ -66,7 +66,6 @@ on an idle machine (32 s of CPU in the runs).
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -77,6 +76,7 @@ from torch.nn import functional as F
 
 import normkit as nk
 from normkit.experiments.data import NUM_CLASSES, digits_split
+from normkit.experiments.stats import finite_values, mean_std
 from normkit.experiments.study import (
     Claim,
     ConfigError,
@@ -85,8 +85,10 @@ from normkit.experiments.study import (
     Run,
     Study,
     check_ints,
+    check_methods,
     check_numbers,
     merge_config,
+    metrics_by_method,
     option_flag,
 )
 
@@ -373,44 +375,11 @@ def _validate(cfg: dict[str, Any]) -> None:
         raise ConfigError(
             f"study adversarial: --batch-size: expected 2 to 1347, got {cfg['batch_size']}"
         )
-    methods = cfg["methods"]
-    unknown = [m for m in methods if m not in METHODS]
-    if not methods or unknown:
-        raise ConfigError(
-            f"study adversarial: --methods: expected some of {', '.join(METHODS)}, got "
-            f"{', '.join(map(str, methods)) or 'none'}"
-        )
-    cfg["methods"] = [m for m in METHODS if m in methods]
+    check_methods("adversarial", cfg, METHODS)
 
 
 # --------------------------------------------------------------------------------------------
 # Figures
-
-
-def _by_method(results: Mapping[str, Any]) -> dict[str, list[Mapping[str, Any]]]:
-    groups: dict[str, list[tuple[int, Mapping[str, Any]]]] = {}
-    for entry in results.get("runs", {}).values():
-        metrics = entry.get("metrics")
-        if not metrics:
-            continue
-        run = entry["run"]
-        groups.setdefault(run["method"], []).append((int(run["seed"]), metrics))
-    order = [m for m in METHODS if m in groups] + sorted(set(groups) - set(METHODS))
-    return {m: [met for _, met in sorted(groups[m], key=lambda t: t[0])] for m in order}
-
-
-def _finite(values: Sequence[Any]) -> list[float]:
-    return [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-
-
-def _mean_std(values: Sequence[Any]) -> tuple[float, float]:
-    finite = _finite(values)
-    n = len(finite)
-    if n == 0:
-        return math.nan, 0.0
-    mean = sum(finite) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (n - 1)) if n > 1 else 0.0
-    return mean, std
 
 
 _BARS = (
@@ -426,7 +395,7 @@ def _figures(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
     from matplotlib.ticker import MaxNLocator
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    groups = _by_method(results)
+    groups = metrics_by_method(results, METHODS)
     if not groups:
         return []
     methods = list(groups)
@@ -441,10 +410,10 @@ def _figures(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
     for i, m in enumerate(methods):
         for j, (key, _) in enumerate(_BARS):
             values = [met.get(key) for met in groups[m]]
-            dots = _finite(values)
+            dots = finite_values(values)
             if not dots:
                 continue
-            mu, sd = _mean_std(values)
+            mu, sd = mean_std(values)
             x = j + (i - (len(methods) - 1) / 2) * width
             ax.bar(
                 x,
@@ -489,7 +458,7 @@ def _figures(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
             length = min((len(c) for c in curves), default=0)
             if not length:
                 continue
-            stats = [_mean_std([c[e] for c in curves]) for e in range(length)]
+            stats = [mean_std([c[e] for c in curves]) for e in range(length)]
             epochs = list(range(1, length + 1))
             means = [s[0] for s in stats]
             ax.errorbar(

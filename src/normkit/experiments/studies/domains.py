@@ -66,6 +66,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import normkit
+from normkit.experiments.stats import mean_std
 from normkit.experiments.study import (
     Claim,
     ConfigError,
@@ -74,8 +75,10 @@ from normkit.experiments.study import (
     Run,
     Study,
     check_ints,
+    check_methods,
     check_numbers,
     merge_config,
+    metrics_by_method,
 )
 
 __all__ = ["DOMAINS", "METHODS", "STUDY", "DomainsStudy"]
@@ -327,14 +330,7 @@ def _validate(cfg: dict[str, Any]) -> None:
     check_numbers("domains", cfg, ("lr", "momentum"))
     if cfg["lr"] == 0:
         raise ConfigError("--lr: expected a learning rate > 0, got 0")
-    methods = cfg["methods"]
-    unknown = [m for m in methods if m not in METHODS]
-    if not methods or unknown:
-        raise ConfigError(
-            f"--methods: expected some of {', '.join(METHODS)}, got "
-            f"{', '.join(map(str, methods)) or 'none'}"
-        )
-    cfg["methods"] = [m for m in METHODS if m in methods]
+    check_methods("domains", cfg, METHODS)
     if not cfg["batch_size"] <= cfg["train_size"] <= _NUM_TRAIN:
         # The last incomplete batch is dropped: fewer images than a batch would train on nothing.
         raise ConfigError(
@@ -347,36 +343,12 @@ def _validate(cfg: dict[str, Any]) -> None:
 # Figures
 
 
-def _by_method(results: Mapping[str, Any]) -> dict[str, list[Mapping[str, Any]]]:
-    """Metrics of each run, grouped by method in the study's method order, then by seed."""
-    groups: dict[str, list[tuple[int, Mapping[str, Any]]]] = {}
-    for entry in results.get("runs", {}).values():
-        metrics = entry.get("metrics")
-        if not metrics:
-            continue
-        run = entry["run"]
-        groups.setdefault(run["method"], []).append((int(run["seed"]), metrics))
-    order = [m for m in METHODS if m in groups] + sorted(set(groups) - set(METHODS))
-    return {m: [met for _, met in sorted(groups[m], key=lambda t: t[0])] for m in order}
-
-
-def _mean_std(values: Sequence[float | None]) -> tuple[float, float]:
-    """Mean and sample std of the finite values (a diverged run stores ``None``); NaN if none."""
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    n = len(finite)
-    if n == 0:
-        return math.nan, 0.0
-    mean = sum(finite) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (n - 1)) if n > 1 else 0.0
-    return mean, std
-
-
 def _figures(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    groups = _by_method(results)
+    groups = metrics_by_method(results, METHODS)
     if not groups:
         return []
     methods = list(groups)
@@ -392,7 +364,7 @@ def _figures(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
     width = 0.8 / len(methods)
     lows = []
     for i, method in enumerate(methods):
-        stats = [_mean_std([m[k] for m in groups[method]]) for k in keys]
+        stats = [mean_std([m[k] for m in groups[method]]) for k in keys]
         xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(keys))]
         means, stds = [s[0] for s in stats], [s[1] for s in stats]
         ax.bar(xs, means, width, yerr=stds, capsize=3, label=method, color=colors[i])
@@ -420,7 +392,7 @@ def _figures(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
         ax = fig.add_subplot()
         for i, method in enumerate(cv_methods):
             values = [r["grad_cv"] for r in groups[method]]
-            mu, sd = _mean_std(values)
+            mu, sd = mean_std(values)
             color = colors[methods.index(method)]
             ax.bar(i, mu, 0.6, yerr=sd, capsize=4, color=color, alpha=0.8)
             ax.plot([i] * len(values), values, "o", color="black", markersize=3)
@@ -445,7 +417,7 @@ def _figures(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
         for method in curve_methods:
             curves = [r["curve_acc_mean"] for r in groups[method]]
             length = min(len(c) for c in curves)
-            stats = [_mean_std([c[e] for c in curves]) for e in range(length)]
+            stats = [mean_std([c[e] for c in curves]) for e in range(length)]
             epochs = list(range(1, length + 1))
             means = [s[0] for s in stats]
             color = colors[methods.index(method)]

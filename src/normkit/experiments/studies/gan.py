@@ -91,6 +91,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 import normkit as nk
 from normkit.experiments.data import NUM_CLASSES, digits_split
+from normkit.experiments.stats import finite_values, mean_std
 from normkit.experiments.study import (
     Claim,
     ConfigError,
@@ -99,9 +100,11 @@ from normkit.experiments.study import (
     Run,
     Study,
     check_ints,
+    check_methods,
     check_numbers,
     merge_config,
     option_flag,
+    runs_by_method,
 )
 
 __all__ = [
@@ -591,52 +594,18 @@ def _validate(cfg: dict[str, Any]) -> None:
             f"study gan: --batch-size: expected at most 1347 (the training images), got "
             f"{cfg['batch_size']}"
         )
-    methods = cfg["methods"]
-    unknown = [m for m in methods if m not in METHODS]
-    if not methods or unknown:
-        raise ConfigError(
-            f"study gan: --methods: expected some of {', '.join(METHODS)}, got "
-            f"{', '.join(map(str, methods)) or 'none'}"
-        )
-    cfg["methods"] = [m for m in METHODS if m in methods]
+    check_methods("gan", cfg, METHODS)
 
 
 # --------------------------------------------------------------------------------------------
 # Figures
 
 
-def _by_method(results: Mapping[str, Any]) -> dict[str, list[tuple[int, Mapping[str, Any]]]]:
-    """(seed, metrics) of each finished run, by method in the study's order, then by seed."""
-    groups: dict[str, list[tuple[int, Mapping[str, Any]]]] = {}
-    for entry in results.get("runs", {}).values():
-        metrics = entry.get("metrics")
-        if not metrics:
-            continue
-        run = entry["run"]
-        groups.setdefault(run["method"], []).append((int(run["seed"]), metrics))
-    order = [m for m in METHODS if m in groups] + sorted(set(groups) - set(METHODS))
-    return {m: sorted(groups[m], key=lambda t: t[0]) for m in order}
-
-
-def _finite(values: Sequence[Any]) -> list[float]:
-    return [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-
-
-def _mean_std(values: Sequence[Any]) -> tuple[float, float]:
-    finite = _finite(values)
-    n = len(finite)
-    if n == 0:
-        return math.nan, 0.0
-    mean = sum(finite) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (n - 1)) if n > 1 else 0.0
-    return mean, std
-
-
 def _figures(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
     from matplotlib.figure import Figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    groups = _by_method(results)
+    groups = runs_by_method(results, METHODS)
     if not groups:
         return []
     methods = list(groups)
@@ -693,11 +662,11 @@ def _figures(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
     for ax, (key, ref_key, title, ylabel) in zip(axes, panels):
         for i, m in enumerate(methods):
             values = [met.get(key) for _, met in groups[m]]
-            mu, sd = _mean_std(values)
+            mu, sd = mean_std(values)
             ax.bar(i, mu, 0.6, yerr=sd, capsize=4, color=colors[m], alpha=0.8, label=m)
-            dots = _finite(values)
+            dots = finite_values(values)
             ax.plot([i] * len(dots), dots, "o", color="black", markersize=3)
-        refs = _finite([met.get(ref_key) for m in methods for _, met in groups[m]])
+        refs = finite_values([met.get(ref_key) for m in methods for _, met in groups[m]])
         if refs:
             ref = sum(refs) / len(refs)
             label = "real train vs held-out" if key == "fd" else "classifier on real held-out"
@@ -727,7 +696,7 @@ def _figures(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
             length = min(len(c) for c in curves)
             if length == 0:
                 continue
-            stats = [_mean_std([c[i] for c in curves]) for i in range(length)]
+            stats = [mean_std([c[i] for c in curves]) for i in range(length)]
             if isinstance(iterations, int):
                 xs = [max(1, round(iterations * (i + 1) / length)) for i in range(length)]
             else:

@@ -98,6 +98,7 @@ from torch.nn import functional as F
 
 import normkit as nk
 from normkit.experiments import data, stats, training
+from normkit.experiments.stats import finite_values, mean_std
 from normkit.experiments.study import (
     Claim,
     ConfigError,
@@ -106,8 +107,10 @@ from normkit.experiments.study import (
     Run,
     Study,
     check_ints,
+    check_methods,
     check_numbers,
     merge_config,
+    metrics_by_method,
 )
 
 __all__ = [
@@ -718,14 +721,7 @@ def _validate(cfg: dict[str, Any]) -> None:
     )
     check_ints("nas", cfg, ("warmup_epochs", "data_seed"), minimum=0)
     check_numbers("nas", cfg, ("w_lr", "arch_lr", "retrain_lr"), strict=True)
-    methods = cfg["methods"]
-    unknown = [m for m in methods if m not in METHODS]
-    if not methods or unknown:
-        raise ConfigError(
-            f"--methods: expected some of {', '.join(METHODS)}, got "
-            f"{', '.join(map(str, methods)) or 'none'}"
-        )
-    cfg["methods"] = [m for m in METHODS if m in methods]
+    check_methods("nas", cfg, METHODS)
     # Each half of the search images must hold at least one batch.
     if not 2 * cfg["batch_size"] <= cfg["search_size"] <= data.TRAIN_SIZE:
         raise ConfigError(
@@ -743,35 +739,12 @@ def _validate(cfg: dict[str, Any]) -> None:
 # Figures
 
 
-def _by_method(results: Mapping[str, Any]) -> dict[str, list[Mapping[str, Any]]]:
-    """Metrics of each finished run, by method in the study's order, then by seed."""
-    groups: dict[str, list[tuple[int, Mapping[str, Any]]]] = {}
-    for entry in results.get("runs", {}).values():
-        metrics = entry.get("metrics")
-        if not metrics:
-            continue
-        run = entry["run"]
-        groups.setdefault(run["method"], []).append((int(run["seed"]), metrics))
-    order = [m for m in METHODS if m in groups] + sorted(set(groups) - set(METHODS))
-    return {m: [met for _, met in sorted(groups[m], key=lambda t: t[0])] for m in order}
-
-
-def _finite(values: Sequence[Any]) -> list[float]:
-    return [float(v) for v in values if stats.finite_or_none(v) is not None]
-
-
-def _mean_std(values: Sequence[Any]) -> tuple[float, float]:
-    agg = stats.aggregate(list(values))
-    mean = agg["mean"] if agg["mean"] is not None else math.nan
-    return mean, agg["std"] or 0.0
-
-
 def _figures(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
     from matplotlib.ticker import MaxNLocator
 
     from normkit.experiments import report
 
-    groups = _by_method(results)
+    groups = metrics_by_method(results, METHODS)
     if not groups:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -783,12 +756,12 @@ def _figures(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
     # Derived accuracy: mean ± std, one dot per seed.
     fig, (ax,) = report.new_figure(width=6.0, height=4.5)
     for i, m in enumerate(methods):
-        vals = _finite([r.get("derived_acc") for r in groups[m]])
-        mu, sd = _mean_std(vals)
+        vals = finite_values([r.get("derived_acc") for r in groups[m]])
+        mu, sd = mean_std(vals)
         ax.bar(i, mu, 0.6, yerr=sd, capsize=4, color=color[m], alpha=0.8, label=m)
         ax.plot([i] * len(vals), vals, "o", color="black", markersize=3)
     ax.set_xticks(range(len(methods)), methods)
-    lows = [v for m in methods for v in _finite([r.get("derived_acc") for r in groups[m]])]
+    lows = [v for m in methods for v in finite_values([r.get("derived_acc") for r in groups[m]])]
     ax.set_ylim(max(0.0, min(lows, default=0.0) - 0.05), 1.0)
     ax.set_xlabel("norm layer during the search")
     ax.set_ylabel("test accuracy of the derived architecture")
@@ -805,7 +778,7 @@ def _figures(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
     tests = {(t["better"]["method"], t["worse"]["method"]): t for t in spread_tests(results)}
     fig, (ax,) = report.new_figure(width=6.0, height=4.5)
     for i, m in enumerate(methods):
-        sd = _mean_std(_finite([r.get("derived_acc") for r in groups[m]]))[1]
+        sd = mean_std(finite_values([r.get("derived_acc") for r in groups[m]]))[1]
         ax.bar(i, sd, 0.6, color=color[m], label=m)
     ax.set_xticks(range(len(methods)), methods)
     lines = [

@@ -83,6 +83,7 @@ from torch.nn import functional as F
 
 import normkit as nk
 from normkit.experiments import data, stats
+from normkit.experiments.stats import finite_values
 from normkit.experiments.study import (
     Claim,
     ConfigError,
@@ -91,8 +92,10 @@ from normkit.experiments.study import (
     Run,
     Study,
     check_ints,
+    check_methods,
     check_numbers,
     merge_config,
+    metrics_by_method,
 )
 
 __all__ = [
@@ -517,40 +520,17 @@ def _validate(cfg: dict[str, Any]) -> None:
         )
     if cfg["batch_size"] < 2:
         raise ConfigError(f"--batch-size: expected at least 2, got {cfg['batch_size']}")
-    methods = cfg["methods"]
-    unknown = [m for m in methods if m not in METHODS]
-    if not methods or unknown:
-        raise ConfigError(
-            f"--methods: expected some of {', '.join(METHODS)}, got "
-            f"{', '.join(map(str, methods)) or 'none'}"
-        )
-    cfg["methods"] = [m for m in METHODS if m in methods]
+    check_methods("style", cfg, METHODS)
 
 
 # --------------------------------------------------------------------------------------------
 # Figures
 
 
-def _by_method(results: Mapping[str, Any]) -> dict[str, list[Mapping[str, Any]]]:
-    groups: dict[str, list[tuple[int, Mapping[str, Any]]]] = {}
-    for entry in results.get("runs", {}).values():
-        metrics = entry.get("metrics")
-        if not metrics:
-            continue
-        run = entry["run"]
-        groups.setdefault(run["method"], []).append((int(run["seed"]), metrics))
-    order = [m for m in METHODS if m in groups] + sorted(set(groups) - set(METHODS))
-    return {m: [met for _, met in sorted(groups[m], key=lambda t: t[0])] for m in order}
-
-
-def _finite(values: Sequence[Any]) -> list[float]:
-    return [float(v) for v in values if stats.finite_or_none(v) is not None]
-
-
 def _figures(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
     from normkit.experiments import report
 
-    groups = _by_method(results)
+    groups = metrics_by_method(results, METHODS)
     if not groups:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -621,7 +601,7 @@ def _figures(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
         axes, (("val_content_loss", "content loss"), ("val_style_loss", "style loss"))
     ):
         for i, m in enumerate(methods):
-            vals = _finite([r.get(key) for r in groups[m]])
+            vals = finite_values([r.get(key) for r in groups[m]])
             agg = stats.aggregate(vals)
             mu = agg["mean"] if agg["mean"] is not None else math.nan
             ax.bar(
