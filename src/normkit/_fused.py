@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from normkit import functional as F
+
 __all__ = [
     "MOMENT_PATH_MIN_NUMEL",
     "batch_norm_train",
@@ -45,14 +47,6 @@ layers use ATen's batch norm (:func:`batch_norm_train`) where it applies, else t
 path: with small tensors the operator calls of the custom function's backward (a fold recomputed
 under autograd) cost more than the passes it saves. Chosen from 1- and 2-thread CPU timings
 (``normkit bench``; at 2x512x8x8, 1 thread: BCN 4.4 ms fused, 3.5 ms reference)."""
-
-
-def _param_dtype(x: Tensor) -> torch.dtype:
-    # ATen's CPU batch norm takes float32 parameters with half-precision inputs (and then keeps
-    # float32 statistics); otherwise parameters must have the input's dtype.
-    if x.dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    return x.dtype
 
 
 def _view(t: Tensor, x: Tensor) -> Tensor:
@@ -78,7 +72,9 @@ def batch_norm_train(
         ``(y, mean, var)``: ``y`` in ``x``'s dtype and memory format; ``mean`` and ``var`` of
         shape ``(C,)`` in the statistics dtype, detached.
     """
-    pdtype = _param_dtype(x)
+    # Parameters in the statistics dtype: ATen's CPU batch norm takes float32 parameters with
+    # half-precision inputs (and then keeps float32 statistics).
+    pdtype = F.stats_dtype(x.dtype)
     if weight is None or weight.dim() == 1:
         w = None if weight is None else weight.to(pdtype)
         b = None if bias is None else bias.to(pdtype)
@@ -169,7 +165,7 @@ def scale_shift(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """
     n, c = x.shape[0], x.shape[1]
     if x.dim() > 2 and x.is_contiguous() and x.numel() > 0:
-        pdtype = _param_dtype(x)
+        pdtype = F.stats_dtype(x.dtype)
         w = scale.to(pdtype).expand(n, c).reshape(n * c)
         b = shift.to(pdtype).expand(n, c).reshape(n * c)
         zeros = torch.zeros_like(w)
@@ -202,9 +198,7 @@ def sample_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     units in the last place when the mean is far from zero. Statistics dtype as in
     :func:`normkit.functional.stats_dtype`.
     """
-    from normkit.functional import stats_dtype
-
-    dtype = stats_dtype(x.dtype)
+    dtype = F.stats_dtype(x.dtype)
     with torch.no_grad():
         if x.dim() == 2:
             xf = x.to(dtype)
@@ -267,8 +261,6 @@ class _MomentScaleShift(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True: differentiate the reference composition, whose second
             # derivatives see the moments as functions of x.
-            from normkit import functional as F
-
             with torch.enable_grad():
                 mm, qq = F.sample_moments(x)
                 scale, shift = _fold_full(ctx.fold, mm, qq, tuple(params))

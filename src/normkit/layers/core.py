@@ -246,27 +246,31 @@ class _BatchNormCore(_BatchNorm):
 
         use_batch = self.training or self.running_mean is None
         params = self._affines()
-        if (
-            use_batch
-            and self.fast
-            and not syncing
-            and input.numel() > 0
-            and fast_paths_apply(input)
-        ):
-            large = input.numel() >= _fused.MOMENT_PATH_MIN_NUMEL
-            if self.split_stats and not isinstance(domain, int):
-                if large:
-                    return self._fast_split_forward(input, domain, params)
-            elif large and input.dim() > 2 and input.is_contiguous():
-                return self._fast_moment_forward(input, domain, params)
-            else:
-                return self._fast_forward(input, domain, params)
+        if use_batch and self.fast and not syncing and fast_paths_apply(input):
+            out = self._fast(input, domain, params)
+            if out is not None:
+                return out
         if self.split_stats:
             mean, var = self._split_statistics(input, domain, use_batch, syncing)
         else:
             mean, var = self._shared_statistics(input, use_batch, syncing)
         scale, shift = self._fold(mean, var, domain, *params)
         return F.apply_scale_shift(input, scale, shift)
+
+    def _fast(
+        self, x: Tensor, domain: DomainIndex, params: tuple[Tensor | None, ...]
+    ) -> Tensor | None:
+        """The fused training forward that applies to ``x``, or None (then the reference path
+        runs): the moment-based one for large inputs (any layout with per-sample split
+        statistics, contiguous otherwise), ATen's batch norm for whole-batch statistics."""
+        if x.numel() == 0:
+            return None
+        large = x.numel() >= _fused.MOMENT_PATH_MIN_NUMEL
+        if self.split_stats and not isinstance(domain, int):
+            return self._fast_split_forward(x, domain, params) if large else None
+        if large and x.dim() > 2 and x.is_contiguous():
+            return self._fast_moment_forward(x, domain, params)
+        return self._fast_forward(x, domain, params)
 
     def _affines(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         """``(weight, bias, domain_weight, domain_bias)``, None for the parts that do not exist."""
