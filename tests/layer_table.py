@@ -50,6 +50,12 @@ class LayerRecord:
         num_domains: K for layers called as ``layer(x, domain)``; 0 for the others.
         train_eval_differ: whether eval mode computes a different function than training
             (running statistics, estimates); False for stateless layers.
+        train_gradcheck: whether finite differences can check the training gradient. False
+            where the training forward holds batch-dependent quantities constant by design
+            (BatchRenorm's r and d, MABN's moving averages): the layer's own tests check that
+            gradient against autograd of its formula with those quantities detached.
+        double_backward: whether the layer supports double backward (False for layers built
+            on a custom autograd Function whose backward is not differentiable, as documented).
     """
 
     name: str
@@ -60,6 +66,8 @@ class LayerRecord:
     init_kwargs: Mapping[str, Any] = field(default_factory=dict)
     num_domains: int = 0
     train_eval_differ: bool = True
+    train_gradcheck: bool = True
+    double_backward: bool = True
 
     def make(self, **factory: Any) -> nn.Module:
         """The layer at its default init; ``factory`` is ``device=`` and/or ``dtype=``."""
@@ -248,6 +256,12 @@ def _records() -> list[LayerRecord]:
         R("bias", nk.Bias, (), _x(2), **stateless),
         R("scale", nk.Scale, (), _x(2), **stateless),
     ]
+    # Related methods (issue 8), one block per family; each helper edits only its own block.
+    # -- renorm / batch-group records --
+    # -- mabn records --
+    # -- iternorm / bnet records --
+    # -- frn / evonorm records --
+    # -- groupnorm / frozen / residual-gate records --
     return r
 
 

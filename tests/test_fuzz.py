@@ -216,6 +216,12 @@ SPECS[nk.ScaledWSConv2d] = {
 }
 SPECS[nk.Bias] = {"dtype": good_dtype}
 SPECS[nk.Scale] = {"dtype": good_dtype}
+# Related methods (issue 8), one block per family; each helper edits only its own block.
+# -- renorm / batch-group specs --
+# -- mabn specs --
+# -- iternorm / bnet specs --
+# -- frn / evonorm specs --
+# -- groupnorm / frozen / residual-gate specs --
 REQUIRED = {
     "num_features",
     "num_domains",

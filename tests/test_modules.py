@@ -236,22 +236,48 @@ def _checked_function(
 
 # Fast mode checks a random projection of each Jacobian (u^T J v), which a wrong derivative
 # misses only by chance; the full Jacobians of all records take minutes on one core.
-@pytest.mark.parametrize("training", TRAINING)
-@pytest.mark.parametrize(("rec", "kind"), CASES)
+def _grad_cases(attribute: str) -> list[Any]:
+    """(rec, kind, training) cases; training ones only where ``rec.<attribute>`` holds."""
+    out = []
+    for case in CASES:
+        rec, kind = case.values
+        for training in TRAINING:
+            if training.values[0] and not getattr(rec, attribute):
+                continue
+            out.append(pytest.param(rec, kind, training.values[0], id=f"{case.id}-{training.id}"))
+    return out
+
+
+@pytest.mark.parametrize(("rec", "kind", "training"), _grad_cases("train_gradcheck"))
 def test_gradcheck(rec: LayerRecord, kind: str | None, training: bool) -> None:
     fn, inputs = _checked_function(rec, kind, training)
     assert gradcheck(fn, inputs, fast_mode=True)
 
 
-# Every record supports double backward: no record runs a custom autograd Function (BCN's
-# estimate update runs without gradient; the all-reduce of synchronized statistics, whose
-# backward is not itself differentiable, runs only across several ranks, which these
-# single-process tests do not start).
-@pytest.mark.parametrize("training", TRAINING)
-@pytest.mark.parametrize(("rec", "kind"), CASES)
+# Records with double_backward=False run a custom autograd Function whose backward is not
+# differentiable (documented on the layer); they are checked to refuse double backward instead.
+# BCN's estimate update runs without gradient; the all-reduce of synchronized statistics,
+# whose backward is not itself differentiable, runs only across several ranks, which these
+# single-process tests do not start.
+@pytest.mark.parametrize(
+    ("rec", "kind", "training"),
+    [c for c in _grad_cases("train_gradcheck") if c.values[0].double_backward],
+)
 def test_gradgradcheck(rec: LayerRecord, kind: str | None, training: bool) -> None:
     fn, inputs = _checked_function(rec, kind, training)
     assert gradgradcheck(fn, inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize(
+    ("rec", "kind", "training"),
+    [c for c in _grad_cases("train_gradcheck") if not c.values[0].double_backward],
+)
+def test_layers_without_double_backward_refuse_it(
+    rec: LayerRecord, kind: str | None, training: bool
+) -> None:
+    fn, inputs = _checked_function(rec, kind, training)
+    with pytest.raises(RuntimeError):
+        gradgradcheck(fn, inputs, fast_mode=True)
 
 
 @pytest.mark.parametrize("rec", [r for r in RECORDS if r.values[0].name in ESTIMATES])

@@ -31,6 +31,8 @@ from normkit.layers.core import SyncBatchNorm, _BatchNormCore
 __all__ = ["convert_sync", "revert_sync"]
 
 _TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+# Every normkit layer with batch statistics; each has ``sync`` and ``process_group`` attributes.
+# Related methods (issue 8) add their classes to this tuple.
 _NORMKIT_SYNCABLE = (_BatchNormCore, _BatchChannelNorm)
 
 

@@ -242,6 +242,12 @@ def _register_builtins() -> None:
     register_norm("batchnorm", functools.partial(_torch_norm, nn.BatchNorm2d))
     register_norm("in", functools.partial(_torch_norm, nn.InstanceNorm2d))
     register_norm("ln", _layer_norm)
+    # Related methods (issue 8), one block per family; each helper edits only its own block.
+    # -- renorm / batch-group names --
+    # -- mabn names --
+    # -- iternorm / bnet names --
+    # -- frn / evonorm names --
+    # -- groupnorm / frozen names --
 
 
 _register_builtins()
