@@ -182,3 +182,11 @@ class RefBCN:
             out = zg * group_weight.reshape(1, -1, 1) + group_bias.reshape(1, -1, 1)
             return out.reshape(x.shape)
         return z * bcast(group_weight, x) + bcast(group_bias, x)
+
+
+# Related methods (issue 8): one section per family, each edited only by its own author.
+# -- renorm / batch-group references --
+# -- mabn references --
+# -- iternorm / bnet references --
+# -- frn / evonorm references --
+# -- groupnorm / frozen / residual-gate / agc references --

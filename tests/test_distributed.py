@@ -71,6 +71,11 @@ CASES: dict[str, tuple[Factory, tuple[int, ...], Any]] = {
         None,
     ),
     "inputnorm": (lambda: nk.InputNorm2d(4, dtype=F64), (6, 4, 3, 3), None),
+    # Related methods (issue 8), one block per family; each helper edits only its own block.
+    # -- renorm / batch-group cases --
+    # -- mabn cases --
+    # -- iternorm / bnet cases --
+    # -- evonorm cases --
 }
 DOMAINS = [0, 1, 2, 2, 0, 1]
 RANK_DOMAINS = [0, 2]
