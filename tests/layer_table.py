@@ -258,10 +258,114 @@ def _records() -> list[LayerRecord]:
     ]
     # Related methods (issue 8), one block per family; each helper edits only its own block.
     # -- renorm / batch-group records --
+    brn = _by_dim(nk.BatchRenorm1d, nk.BatchRenorm2d, nk.BatchRenorm3d)
+    for d in (1, 2, 3):
+        # The default schedule at step 2 (``build``'s count): warm-up, a plain batch norm.
+        r.append(R(f"brn{d}d", brn[d], (C,), _x(d)))
+    # Limits at their targets from the first step; the sample inputs (std 2, running variances
+    # in [0.5, 2]) clip r at 1.5 in most channels and d at 0.25 in some.
+    relaxed = {"r_max": 1.5, "d_max": 0.25, "warmup_steps": 0, "r_max_steps": 0, "d_max_steps": 0}
+    # train_gradcheck=False: r and d depend on the batch but are held constant by backprop (the
+    # paper's stop-gradient), which finite differences cannot reproduce; test_renorm.py checks
+    # that training gradient against autograd of the formula with r and d detached.
+    r += [
+        R("brn2d-relaxed", brn[2], (C,), _x(2), init_kwargs=relaxed, train_gradcheck=False),
+        R(
+            "brn1d-flat-relaxed",
+            brn[1],
+            (C,),
+            ((N, C),),
+            init_kwargs=relaxed,
+            train_gradcheck=False,
+        ),
+        R("bgn2d", nk.BatchGroupNorm2d, (C, 2), _x(2)),
+        R(
+            "bgn2d-one-group-cumulative",
+            nk.BatchGroupNorm2d,
+            (C, 1),
+            _x(2),
+            init_kwargs={"momentum": None},
+        ),
+    ]
     # -- mabn records --
+    # The generic build sets the step to 2, so the next training call is step 3. With m = 1 in
+    # warm-up (and r exactly 1) MABN is "BN without centring" and its custom backward is that
+    # function's gradient: finite differences apply. With m = 2 after warm-up the backward uses
+    # the moving averages by design (test_mabn.py checks it against the formula instead), and
+    # r is clamped from the first step. The custom backward is not differentiable again.
+    mabn: dict[str, Any] = {"double_backward": False}
+    r += [
+        R("mabn2d-warmup-m1", nk.MovingAverageBatchNorm2d, (C,), _x(2), **mabn,
+          init_kwargs={"buffer_size": 1}),
+        R("mabn2d-moving-average", nk.MovingAverageBatchNorm2d, (C,), _x(2), **mabn,
+          init_kwargs={"buffer_size": 2, "warmup_iters": 0, "r_clamp_steps": 0},
+          train_gradcheck=False),
+        R("cenconv2d", nk.CenConv2d, (C, 5, 3), _x(2), init_kwargs={"padding": 1}, **stateless),
+        R("cenconv2d-grouped-no-bias", nk.CenConv2d, (C, 6, 3), _x(2),
+          init_kwargs={"groups": 2, "bias": False}, **stateless),
+    ]  # fmt: skip
     # -- iternorm / bnet records --
+    # (track_running_stats=False normalizes with batch statistics in eval too, which the
+    # generic eval tests rule out: tests/test_iternorm.py and tests/test_bnet.py cover it.)
+    r += [
+        R("iternorm2d", nk.IterNorm2d, (C,), _x(2), init_kwargs={"group_size": 2}),
+        R("iternorm2d-one-group", nk.IterNorm2d, (C,), _x(2)),  # gcd(C, 64) = C: one group
+        R("iternorm1d", nk.IterNorm1d, (C,), _x(1), init_kwargs={"group_size": 2, "T": 3}),
+        R(
+            "iternorm1d-flat-cumulative-no-affine",
+            nk.IterNorm1d,
+            (C,),
+            ((N, C),),
+            init_kwargs={"group_size": 2, "momentum": None, "affine": False},
+        ),
+        R("bnet2d", nk.BNET2d, (C,), _x(2)),
+        R(
+            "bnet2d-k5-cumulative",
+            nk.BNET2d,
+            (C,),
+            _x(2),
+            init_kwargs={"kernel_size": 5, "momentum": None},
+        ),
+    ]
     # -- frn / evonorm records --
+    frn = nk.FilterResponseNorm2d
+    r += [
+        R("frn2d", frn, (C,), _x(2), **stateless),
+        R(
+            "frn2d-plain-learnable-eps",
+            frn,
+            (C,),
+            _x(2),
+            init_kwargs={"tlu": False, "affine": False, "learnable_eps": True},
+            **stateless,
+        ),
+        # A dense layer's (N, C) output, the case the learned epsilon is for.
+        R("frn-dense", frn, (C,), ((N, C),), init_kwargs={"learnable_eps": True}, **stateless),
+        R("tlu", nk.TLU, (C,), _x(2), **stateless),
+        R("tlu-flat", nk.TLU, (C,), ((N, C),), **stateless),
+        R("evonorm-b0", nk.EvoNormB0, (C,), _x(2)),
+        R("evonorm-b0-cumulative", nk.EvoNormB0, (C,), _x(2), init_kwargs={"momentum": None}),
+        R("evonorm-s0", nk.EvoNormS0, (C,), _x(2), init_kwargs={"num_groups": 2}, **stateless),
+        # One channel per group: the per-sample, per-channel variance.
+        R(
+            "evonorm-s0-instance-no-affine",
+            nk.EvoNormS0,
+            (C,),
+            _x(2),
+            init_kwargs={"num_groups": C, "affine": False},
+            **stateless,
+        ),
+    ]
     # -- groupnorm / frozen / residual-gate records --
+    r += [
+        R("groupnorm", nk.GroupNorm, (C, 2), _x(2), **stateless),
+        # affine=False has no state at all, which the generic state-dict tests need: it is
+        # covered in tests/test_group_norm.py.
+        R("groupnorm3d", nk.GroupNorm, (C, 2), _x(3), **stateless),
+        R("groupnorm-flat", nk.GroupNorm, (C, 2), ((N, C),), **stateless),
+        R("frozenbn2d", nk.FrozenBatchNorm2d, (C,), _x(2), **stateless),
+        R("residual-gate", nk.ResidualGate, (), _x(2), **stateless),
+    ]
     return r
 
 

@@ -48,7 +48,7 @@ RECORDS = list(BY_CLASS.values())
 CONDITIONAL = [r for r in RECORDS if r.takes_domain]
 # Per-domain statistics take the index down another path: cover it too.
 SPLIT = [r for r in LAYERS if r.init_kwargs.get("split_stats") and r.name.endswith("split")]
-SCALARS = (nk.Bias, nk.Scale)  # any shape: no rank or channel count to refuse
+SCALARS = (nk.Bias, nk.Scale, nk.ResidualGate)  # any shape: no rank or channel count to refuse
 
 
 def _state(module: nn.Module) -> dict[str, Tensor]:
@@ -475,6 +475,31 @@ def _value_cases() -> list[Any]:
                 "he_normal_fan_out_",
                 lambda m, v=value: nk.he_normal_fan_out_(m[0], v),
                 ValueError,
+                fragment,
+            )
+        )
+    for arg in ("clip_factor", "eps"):
+        for value, exc, fragment in [
+            (0, ValueError, f"expected {arg} > 0, got 0"),
+            (-0.1, ValueError, "got -0.1"),
+            (NAN, ValueError, "got nan"),
+            (INF, ValueError, f"finite {arg} > 0, got inf"),
+            ("0.1", TypeError, f"{arg} to be a number, got '0.1'"),
+        ]:
+            cases.append(
+                pytest.param(
+                    "adaptive_grad_clip_",
+                    lambda m, k={arg: value}: nk.adaptive_grad_clip_(m.parameters(), **k),
+                    exc,
+                    fragment,
+                )
+            )
+    for value, fragment in [(3, "got int"), ([torch.ones(1), "w"], "got str at position 1")]:
+        cases.append(
+            pytest.param(
+                "adaptive_grad_clip_",
+                lambda m, v=value: nk.adaptive_grad_clip_(v),
+                TypeError,
                 fragment,
             )
         )

@@ -412,8 +412,8 @@ def test_targets_are_names_in_any_case_or_classes_naming_a_family(
 
 
 def test_unknown_targets_are_refused_listing_the_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown target 'gn'; known targets: auxbn, bcn, "):
-        convert_norm(nn.BatchNorm2d(4), "gn")
+    with pytest.raises(ValueError, match=r"unknown target 'nope'; known targets: auxbn, bcn, "):
+        convert_norm(nn.BatchNorm2d(4), "nope")
     with pytest.raises(TypeError, match="one of the classes"):
         convert_norm(nn.BatchNorm2d(4), nn.GroupNorm)
 
@@ -661,3 +661,86 @@ def test_a_frozen_layer_compiles_without_graph_breaks() -> None:
     x = torch.randn(2, 3, 4, 4)
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), model(x))
+
+
+# --- the related methods as targets (issue 8) -----------------------------------------------------
+
+# target -> (class, kwargs, source keys dropped per layer, fresh keys per layer, same eval function?)
+RELATED_TARGETS: dict[str, tuple[type[nn.Module], dict[str, Any], set[str], set[str], bool]] = {
+    "brn": (nk.BatchRenorm2d, {}, set(), set(), True),
+    "bnet": (nk.BNET2d, {}, set(), set(), True),
+    "bgn": (nk.BatchGroupNorm2d, {"num_groups": 4}, {"running_mean", "running_var"}, set(), False),
+    "mabn": (
+        nk.MovingAverageBatchNorm2d,
+        {},
+        {"running_mean"},
+        {"buffer_x2", "buffer_gz"},
+        False,
+    ),
+    "iternorm": (nk.IterNorm2d, {"group_size": 4}, {"running_var"}, {"running_wm"}, False),
+    "frn": (
+        nk.FilterResponseNorm2d,
+        {},
+        {"running_mean", "running_var", "num_batches_tracked"},
+        {"tau"},
+        False,
+    ),
+    "evonorm-b0": (nk.EvoNormB0, {}, {"running_mean"}, {"v"}, False),
+    "evonorm-s0": (
+        nk.EvoNormS0,
+        {"num_groups": 4},
+        {"running_mean", "running_var", "num_batches_tracked"},
+        {"v"},
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("target", list(RELATED_TARGETS))
+def test_related_targets_carry_what_fits_and_report_the_rest(
+    target: str, trained64: nn.Module, trained32: nn.Module
+) -> None:
+    cls, kwargs, dropped, fresh, same_function = RELATED_TARGETS[target]
+    report = convert_norm(copy.deepcopy(trained64), target, **kwargs)
+    new = dict(report.model.named_modules())
+    for name, bn in _bns(trained64).items():
+        layer = new[name]
+        assert type(layer) is cls
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            if (
+                hasattr(layer, key)
+                and key not in dropped
+                and isinstance(getattr(layer, key), Tensor)
+            ):
+                assert torch.equal(getattr(layer, key), getattr(bn, key)), (name, key)
+    assert {c.dropped for c in report} == {tuple(k for k in _BN_KEYS if k in dropped)}
+    assert {frozenset(c.fresh) for c in report} == {frozenset(fresh)}
+    if same_function:
+        x = _x()
+        torch.testing.assert_close(report.model(x), trained64(x), rtol=0, atol=1e-12)
+    # The converted model trains.
+    model = convert_norm(copy.deepcopy(trained32), target, **kwargs).model.train()
+    loss = nn.functional.cross_entropy(model(_x(torch.float32)), torch.tensor([1, 2, 3, 4]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+_BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def test_mabn_target_takes_the_official_momentum_unless_given(trained32: nn.Module) -> None:
+    model = convert_norm(copy.deepcopy(trained32), "mabn").model
+    assert {m.momentum for m in model.modules() if isinstance(m, nk.MovingAverageBatchNorm2d)} == {
+        0.02
+    }
+    model = convert_norm(copy.deepcopy(trained32), "mabn", momentum=0.1).model
+    assert {m.momentum for m in model.modules() if isinstance(m, nk.MovingAverageBatchNorm2d)} == {
+        0.1
+    }
+
+
+def test_a_treat_as_bn_class_that_is_no_norm_is_still_refused() -> None:
+    # Only statistics may be dropped for a shape that does not fit; a weight never is.
+    with pytest.raises(ValueError, match="cannot carry the state"):
+        convert_norm(nn.Sequential(nn.Conv2d(3, 4, 1)), "bgn", treat_as_bn=(nn.Conv2d,))

@@ -73,9 +73,42 @@ CASES: dict[str, tuple[Factory, tuple[int, ...], Any]] = {
     "inputnorm": (lambda: nk.InputNorm2d(4, dtype=F64), (6, 4, 3, 3), None),
     # Related methods (issue 8), one block per family; each helper edits only its own block.
     # -- renorm / batch-group cases --
+    # Limits at their targets from the first step: r and d come from the merged statistics
+    # (d clipped at 0.75 against the initial running mean 0, r mostly not).
+    "brn-relaxed": (
+        lambda: nk.BatchRenorm2d(
+            4, r_max=2.5, d_max=0.75, warmup_steps=0, r_max_steps=0, d_max_steps=0, dtype=F64
+        ),
+        (6, 4, 3, 3),
+        None,
+    ),
+    "bgn": (lambda: nk.BatchGroupNorm2d(4, 2, dtype=F64), (6, 4, 3, 3), None),
     # -- mabn cases --
+    # Ring rows of 1 and no warm-up: the second step normalizes by the ring's average, and r
+    # (clamped from the first step) reads the running variance that the first step moved.
+    "mabn": (
+        lambda: nk.MovingAverageBatchNorm2d(
+            4, momentum=0.3, buffer_size=1, warmup_iters=0, r_clamp_steps=0, dtype=F64
+        ),
+        (6, 4, 3, 3),
+        None,
+    ),
     # -- iternorm / bnet cases --
+    # Whitening matrices from the merged covariance: the same on every rank.
+    "iternorm": (lambda: nk.IterNorm2d(4, group_size=2, dtype=F64), (6, 4, 3, 3), None),
+    "iternorm1d-flat-cumulative": (
+        lambda: nk.IterNorm1d(4, momentum=None, dtype=F64),
+        (6, 4),
+        None,
+    ),
+    "bnet": (lambda: nk.BNET2d(4, kernel_size=3, dtype=F64), (6, 4, 3, 3), None),
     # -- evonorm cases --
+    "evonorm-b0": (lambda: nk.EvoNormB0(4, dtype=F64), (6, 4, 3, 3), None),
+    "evonorm-b0-cumulative": (
+        lambda: nk.EvoNormB0(4, momentum=None, dtype=F64),
+        (6, 4, 3, 3),
+        None,
+    ),
 }
 DOMAINS = [0, 1, 2, 2, 0, 1]
 RANK_DOMAINS = [0, 2]

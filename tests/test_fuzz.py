@@ -218,10 +218,72 @@ SPECS[nk.Bias] = {"dtype": good_dtype}
 SPECS[nk.Scale] = {"dtype": good_dtype}
 # Related methods (issue 8), one block per family; each helper edits only its own block.
 # -- renorm / batch-group specs --
+for _cls in (nk.BatchRenorm1d, nk.BatchRenorm2d, nk.BatchRenorm3d):
+    SPECS[_cls] = {
+        **BN_ARGS,
+        "track_running_stats": st.just(True),  # False is refused by design
+        "r_max": st.floats(min_value=1.0, max_value=4.0),
+        "d_max": st.floats(min_value=0.0, max_value=6.0),
+        # Short schedules, so that a few calls cross the warm-up and the ramps.
+        "warmup_steps": st.sampled_from([0, 1, 2, 5000]),
+        "r_max_steps": st.sampled_from([0, 1, 2, 3, 40000]),
+        "d_max_steps": st.sampled_from([0, 1, 2, 3, 25000]),
+    }
+SPECS[nk.BatchGroupNorm2d] = {**BN_ARGS, "num_groups": st.sampled_from([1, 2, 3, 4])}
 # -- mabn specs --
+SPECS[nk.MovingAverageBatchNorm2d] = {
+    **BN_ARGS,
+    "track_running_stats": st.just(True),  # MABN needs running_var: False is refused
+    "buffer_size": st.integers(1, 4),
+    "warmup_iters": st.integers(0, 4),
+    "r_clamp_steps": st.one_of(st.none(), st.integers(0, 4)),
+    "r_min": st.floats(min_value=0.05, max_value=1.0),
+    "r_max": st.floats(min_value=1.0, max_value=10.0),
+}
+SPECS[nk.CenConv2d] = dict(CONV_ARGS)
 # -- iternorm / bnet specs --
+for _cls in (nk.IterNorm1d, nk.IterNorm2d):
+    SPECS[_cls] = {
+        **BN_ARGS,
+        "group_size": st.sampled_from([None, None, 1, 2]),
+        "T": st.integers(1, 6),
+    }
+SPECS[nk.BNET2d] = {
+    **{k: v for k, v in BN_ARGS.items() if k not in _drop},
+    "kernel_size": st.sampled_from([1, 3, 5]),
+    "zero_init": flags,
+}
 # -- frn / evonorm specs --
+SPECS[nk.FilterResponseNorm2d] = {
+    "num_features": pos_ints,
+    "eps": good_eps,
+    "affine": flags,
+    "dtype": good_dtype,
+    "learnable_eps": flags,
+    "tlu": flags,
+}
+SPECS[nk.TLU] = {"num_features": pos_ints, "dtype": good_dtype}
+SPECS[nk.EvoNormB0] = dict(BN_ARGS)
+SPECS[nk.EvoNormS0] = {
+    "num_features": pos_ints,
+    "eps": good_eps,
+    "affine": flags,
+    "dtype": good_dtype,
+    "num_groups": st.sampled_from([1, 2, 3, 4]),
+}
 # -- groupnorm / frozen / residual-gate specs --
+SPECS[nk.GroupNorm] = {
+    "num_features": pos_ints,
+    "num_groups": st.sampled_from([1, 2, 3, 4]),
+    "eps": good_eps,
+    "affine": flags,
+    "dtype": good_dtype,
+}
+SPECS[nk.FrozenBatchNorm2d] = {"num_features": pos_ints, "eps": good_eps, "dtype": good_dtype}
+SPECS[nk.ResidualGate] = {
+    "init": st.floats(min_value=-2.0, max_value=2.0),
+    "dtype": good_dtype,
+}
 REQUIRED = {
     "num_features",
     "num_domains",
@@ -287,7 +349,14 @@ def test_fuzz_constructors(record_property: Any) -> None:
 
 # --- forward calls --------------------------------------------------------------------------------
 
-WS_LAYERS = (nk.WSConv1d, nk.WSConv2d, nk.WSConv3d, nk.WSLinear, nk.ScaledWSConv2d)
+WS_LAYERS = (
+    nk.WSConv1d,
+    nk.WSConv2d,
+    nk.WSConv3d,
+    nk.WSLinear,
+    nk.ScaledWSConv2d,
+    nk.CenConv2d,  # MABN's weight-centred conv
+)
 #: The layers whose output has the input's shape.
 NORM_LIKE = tuple(c for c in SPECS if c not in WS_LAYERS)
 

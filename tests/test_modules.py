@@ -254,14 +254,15 @@ def test_gradcheck(rec: LayerRecord, kind: str | None, training: bool) -> None:
     assert gradcheck(fn, inputs, fast_mode=True)
 
 
-# Records with double_backward=False run a custom autograd Function whose backward is not
-# differentiable (documented on the layer); they are checked to refuse double backward instead.
+# Records with double_backward=False run a custom autograd Function in training whose backward
+# is not differentiable (documented on the layer); there they are checked to refuse double
+# backward instead. Their eval mode is a plain affine, checked like every other record.
 # BCN's estimate update runs without gradient; the all-reduce of synchronized statistics,
 # whose backward is not itself differentiable, runs only across several ranks, which these
 # single-process tests do not start.
 @pytest.mark.parametrize(
     ("rec", "kind", "training"),
-    [c for c in _grad_cases("train_gradcheck") if c.values[0].double_backward],
+    [c for c in _grad_cases("train_gradcheck") if c.values[0].double_backward or not c.values[2]],
 )
 def test_gradgradcheck(rec: LayerRecord, kind: str | None, training: bool) -> None:
     fn, inputs = _checked_function(rec, kind, training)
@@ -270,7 +271,7 @@ def test_gradgradcheck(rec: LayerRecord, kind: str | None, training: bool) -> No
 
 @pytest.mark.parametrize(
     ("rec", "kind", "training"),
-    [c for c in _grad_cases("train_gradcheck") if not c.values[0].double_backward],
+    [c for c in _grad_cases("train_gradcheck") if not c.values[0].double_backward and c.values[2]],
 )
 def test_layers_without_double_backward_refuse_it(
     rec: LayerRecord, kind: str | None, training: bool

@@ -76,6 +76,18 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], str | None]] = 
     "inputnorm1d-flat": (lambda: nk.InputNorm1d(4), (4, 4), None),
     "syncbn": (lambda: nk.SyncBatchNorm(4), (4, 4, 3, 3), None),
     "syncbn-flat-cumulative": (lambda: nk.SyncBatchNorm(4, momentum=None), (4, 4), None),
+    # renorm / batch-group (BGN with one channel per group here, as the checks below index
+    # per-channel buffers; tests/test_batch_group.py covers wider groups).
+    "brn2d-relaxed": (
+        lambda: nk.BatchRenorm2d(4, warmup_steps=0, r_max_steps=0, d_max_steps=0),
+        (4, 4, 3, 3),
+        None,
+    ),
+    "brn1d-flat": (lambda: nk.BatchRenorm1d(4), (4, 4), None),
+    "brn3d": (lambda: nk.BatchRenorm3d(4), (4, 4, 2, 2, 2), None),
+    "bgn2d-per-channel": (lambda: nk.BatchGroupNorm2d(4, 4), (4, 4, 3, 3), None),
+    # iternorm / bnet (IterNorm has no running_var: tests/test_iternorm.py covers it per group).
+    "bnet2d": (lambda: nk.BNET2d(4), (4, 4, 3, 3), None),
 }
 BAD_CHANNEL = 2
 

@@ -17,7 +17,8 @@ from normkit.models import resnet20
     [
         ("bn", {}, nn.BatchNorm2d, {}),
         ("BN-1d", {}, nn.BatchNorm1d, {}),
-        ("gn", {"num_groups": 4}, nn.GroupNorm, {"num_groups": 4, "num_channels": 8}),
+        ("gn", {"num_groups": 4}, nk.GroupNorm, {"num_groups": 4, "num_channels": 8}),
+        ("FrozenBN", {}, nk.FrozenBatchNorm2d, {"num_features": 8}),
         ("sabn", {"num_domains": 3}, nk.SandwichBatchNorm2d, {"split_stats": False}),
         ("SaBN_Split", {"num_domains": 3}, nk.SandwichBatchNorm2d, {"split_stats": True}),
         ("sabn split 3d", {"num_domains": 3}, nk.SandwichBatchNorm3d, {"split_stats": True}),

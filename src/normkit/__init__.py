@@ -8,6 +8,7 @@ PyTorch model.
 from __future__ import annotations
 
 from normkit import functional, models
+from normkit.agc import adaptive_grad_clip_
 from normkit.checkpoints import load_official_sandwich
 from normkit.conditioning import condition, conditional_layers
 from normkit.convert import (
@@ -33,7 +34,17 @@ from normkit.layers.batch_channel import (
     BatchChannelNorm2d,
     BatchChannelNorm3d,
 )
+from normkit.layers.batch_group import BatchGroupNorm2d
+from normkit.layers.bnet import BNET2d
 from normkit.layers.core import SyncBatchNorm
+from normkit.layers.evonorm import EvoNormB0, EvoNormS0
+from normkit.layers.frozen import FrozenBatchNorm2d
+from normkit.layers.group_norm import GroupNorm
+from normkit.layers.iternorm import IterNorm1d, IterNorm2d
+from normkit.layers.mabn import CenConv2d, MovingAverageBatchNorm2d
+from normkit.layers.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from normkit.layers.residual import ResidualGate
+from normkit.layers.response import TLU, FilterResponseNorm2d
 from normkit.layers.revisited import (
     RELU_STD,
     InputNorm1d,
@@ -73,23 +84,39 @@ __version__ = "0.1.0"
 
 __all__ = [
     "RELU_STD",
+    "TLU",
     "WS_PRESETS",
     "AuxBatchNorm1d",
     "AuxBatchNorm2d",
     "AuxBatchNorm3d",
+    "BNET2d",
     "BatchChannelNorm1d",
     "BatchChannelNorm2d",
     "BatchChannelNorm3d",
+    "BatchGroupNorm2d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
     "Bias",
     "CategoricalConditionalBatchNorm1d",
     "CategoricalConditionalBatchNorm2d",
     "CategoricalConditionalBatchNorm3d",
+    "CenConv2d",
     "ConversionReport",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm2d",
     "FixupBlock",
+    "FrozenBatchNorm2d",
+    "GroupNorm",
     "InferenceReport",
     "InputNorm1d",
     "InputNorm2d",
+    "IterNorm1d",
+    "IterNorm2d",
+    "MovingAverageBatchNorm2d",
     "NormChange",
+    "ResidualGate",
     "SandwichAdaIN",
     "SandwichBatchNorm1d",
     "SandwichBatchNorm2d",
@@ -102,6 +129,7 @@ __all__ = [
     "WSConv3d",
     "WSLinear",
     "__version__",
+    "adaptive_grad_clip_",
     "bn_param_groups",
     "condition",
     "conditional_layers",

@@ -120,6 +120,24 @@ def check_count(layer: str, name: str, value: int, minimum: int = 1) -> None:
         raise ValueError(f"{layer}: expected {name} >= {minimum}, got {value}")
 
 
+def check_num_groups(layer: str, num_features: int, num_groups: int) -> None:
+    """Refuse a group count that is not a positive int dividing ``num_features``."""
+    check_count(layer, "num_groups", num_groups)
+    if num_features % num_groups != 0:
+        raise ValueError(
+            f"{layer}: expected num_groups to divide num_features={num_features}, got "
+            f"num_groups={num_groups}"
+        )
+
+
+def check_finite(layer: str, name: str, value: float) -> None:
+    """Refuse anything but a finite number (an init value of any sign)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{layer}: expected {name} to be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{layer}: expected a finite {name}, got {value}")
+
+
 def _check_weight_dtype(layer: str, x: Tensor, dtype: torch.dtype) -> None:
     if x.dtype == dtype:
         return

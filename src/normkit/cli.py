@@ -42,6 +42,17 @@ PAPERS: dict[str, str] = {
     "revisited": "Davis & Frank, Revisiting Batch Norm Initialization (arXiv 2110.13989)",
     "fixup": "Zhang, Dauphin & Ma, Fixup Initialization (arXiv 1901.09321, ICLR 2019)",
     "bn": "Ioffe & Szegedy 2015, Batch Normalization (arXiv 1502.03167)",
+    "gn": "Wu & He, Group Normalization (arXiv 1803.08494, ECCV 2018)",
+    "skipinit": "De & Smith 2020, SkipInit (arXiv 2002.10444); Bachlechner et al. 2020, ReZero "
+    "(arXiv 2003.04887)",
+    "brn": "Ioffe 2017, Batch Renormalization (arXiv 1702.03275, NeurIPS 2017)",
+    "bgn": "Zhou et al. 2020, Batch Group Normalization (arXiv 2012.02782)",
+    "iternorm": "Huang et al., Iterative Normalization (arXiv 1904.03441, CVPR 2019)",
+    "bnet": "Xu et al., BN with Enhanced Linear Transformation (arXiv 2011.14150, TPAMI 2023)",
+    "mabn": "Yan et al., Moving Average Batch Normalization (arXiv 2001.06838, ICLR 2020)",
+    "frn": "Singh & Krishnan, Filter Response Normalization (arXiv 1911.09737, CVPR 2020)",
+    "evonorm": "Liu, Brock, Simonyan & Le, Evolving Normalization-Activation Layers "
+    "(arXiv 2004.02967, NeurIPS 2020)",
 }
 """The papers behind the layers, by key."""
 
@@ -72,6 +83,22 @@ LAYERS: dict[str, tuple[str, str]] = {
     "Bias": ("fixup", "learnable scalar bias of Fixup residual branches"),
     "Scale": ("fixup", "learnable scalar multiplier at the end of a Fixup residual branch"),
     "SyncBatchNorm": ("bn", "BN with statistics over all ranks, on any backend (CPU/gloo too)"),
+    "FrozenBatchNorm2d": ("bn", "eval-mode BN with everything in buffers: frozen backbones"),
+    "GroupNorm": ("gn", "torch's GroupNorm with the channel count first: a norm_layer"),
+    "ResidualGate": ("skipinit", "zero-initialised scalar on a residual branch: x + α·f(x)"),
+    "BatchRenorm1d": ("brn", "BN corrected towards its running statistics (1d inputs)"),
+    "BatchRenorm2d": ("brn", "BN corrected towards its running statistics: small, non-iid batches"),
+    "BatchRenorm3d": ("brn", "BN corrected towards its running statistics (3d inputs)"),
+    "BatchGroupNorm2d": ("bgn", "BN whose statistics span groups of channels: small batches"),
+    "IterNorm1d": ("iternorm", "group whitening by Newton iterations (1d inputs)"),
+    "IterNorm2d": ("iternorm", "group whitening by Newton iterations: decorrelated features"),
+    "BNET2d": ("bnet", "BN whose affine is a depthwise k x k conv: detection backbones"),
+    "MovingAverageBatchNorm2d": ("mabn", "BN with moving-average statistics: batches of 1-2"),
+    "CenConv2d": ("mabn", "Conv2d with per-filter centred weights; put MABN after it"),
+    "FilterResponseNorm2d": ("frn", "per-sample mean-square norm with its TLU: batch-free"),
+    "TLU": ("frn", "thresholded linear unit max(x, τ), the activation paired with FRN"),
+    "EvoNormB0": ("evonorm", "batch-variance norm-activation, running variance in eval"),
+    "EvoNormS0": ("evonorm", "batch-free group norm-activation x·σ(vx)/std: small batches"),
 }
 """Every public layer of normkit: its paper (a key of :data:`PAPERS`) and what it is for."""
 

@@ -11,6 +11,7 @@ a way that ``model.train()`` cannot undo; :func:`unfreeze_norm` restores them ex
 from __future__ import annotations
 
 import inspect
+import math
 import re
 import warnings
 from collections import OrderedDict
@@ -23,7 +24,20 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normkit._checks import check_flags
-from normkit.layers import batch_channel, revisited, sandwich
+from normkit.layers import (
+    batch_channel,
+    batch_group,
+    bnet,
+    evonorm,
+    iternorm,
+    mabn,
+    renorm,
+    response,
+    revisited,
+    sandwich,
+)
+from normkit.layers.frozen import FrozenBatchNorm2d
+from normkit.layers.group_norm import GroupNorm
 from normkit.layers.weight_std import _exclusion_rule
 
 __all__ = ["ConversionReport", "NormChange", "convert_norm", "freeze_norm", "unfreeze_norm"]
@@ -53,6 +67,11 @@ class _Family:
     name: str
     classes: dict[int, type[nn.Module]]
     defaults: dict[str, Any]
+
+
+def _groups_of_32(num_features: int) -> int:
+    """32 groups (GN's default) where the channels allow, else the largest divisor below."""
+    return math.gcd(num_features, 32)
 
 
 def _families() -> dict[str, _Family]:
@@ -89,8 +108,31 @@ def _families() -> dict[str, _Family]:
         _Family("bcn", bcn, {}),
         _Family("bcn-micro", bcn, {"estimate": True}),
         _Family("inputnorm", dims(revisited.InputNorm1d, revisited.InputNorm2d), {}),
+        _Family("gn", dims(GroupNorm, GroupNorm, GroupNorm), {}),
+        _Family("frozenbn", dims(None, FrozenBatchNorm2d), {}),
+        _Family(
+            "brn",
+            dims(renorm.BatchRenorm1d, renorm.BatchRenorm2d, renorm.BatchRenorm3d),
+            {},
+        ),
+        _Family("bgn", dims(None, batch_group.BatchGroupNorm2d), {"num_groups": _groups_of_32}),
+        # MABN's momentum is the official one, not the batch norm's (see its docstring).
+        _Family("mabn", dims(None, mabn.MovingAverageBatchNorm2d), {"momentum": 0.02}),
+        _Family("iternorm", dims(iternorm.IterNorm1d, iternorm.IterNorm2d), {}),
+        _Family("bnet", dims(None, bnet.BNET2d), {}),
+        # FRN's eps is of another quantity (a mean square) than a batch norm's: its own default.
+        _Family("frn", dims(None, response.FilterResponseNorm2d), {"eps": 1e-6}),
+        _Family("evonorm-b0", dims(None, evonorm.EvoNormB0), {}),
+        _Family("evonorm-s0", dims(None, evonorm.EvoNormS0), {"num_groups": _groups_of_32}),
     ]
-    aliases = {"batchnorm": "bn", "saauxbn": "sabn-split"}
+    aliases = {
+        "batchnorm": "bn",
+        "saauxbn": "sabn-split",
+        "groupnorm": "gn",
+        "frozenbatchnorm": "frozenbn",
+        "batchrenorm": "brn",
+        "batchgroupnorm": "bgn",
+    }
     found = {_fold(f.name): f for f in table}
     found.update({_fold(a): found[_fold(n)] for a, n in aliases.items()})
     return found
@@ -237,13 +279,13 @@ def convert_norm(
     """Replace every batch norm of ``model`` with a normkit layer, carrying its state over.
 
     Every module whose class is exactly ``nn.BatchNorm1d``, ``nn.BatchNorm2d``,
-    ``nn.BatchNorm3d`` or ``nn.SyncBatchNorm`` (and ``nn.GroupNorm`` with ``include_groupnorm``,
-    and the classes listed in ``treat_as_bn``) is replaced, in place and however deeply nested,
-    by the ``to`` layer of the matching dimensionality. The new layer is built with the source's
-    ``num_features``, ``eps``, ``momentum``, ``affine`` and ``track_running_stats``, then
-    ``kwargs`` (which win), on the source's device and dtype, and takes the source's training
-    flag. It then loads the source's state dict, so that each layer's own checkpoint rules put
-    the statistics and affine into the matching parts:
+    ``nn.BatchNorm3d`` or ``nn.SyncBatchNorm`` (and ``nn.GroupNorm`` or :class:`normkit.GroupNorm`
+    with ``include_groupnorm``, and the classes listed in ``treat_as_bn``) is replaced, in place
+    and however deeply nested, by the ``to`` layer of the matching dimensionality. The new layer
+    is built with the source's ``num_features``, ``eps``, ``momentum``, ``affine`` and
+    ``track_running_stats``, then ``kwargs`` (which win), on the source's device and dtype, and
+    takes the source's training flag. It then loads the source's state dict, so that each
+    layer's own checkpoint rules put the statistics and affine into the matching parts:
 
     ==============  ============================================================================
     target          what the batch norm's state becomes
@@ -262,6 +304,22 @@ def convert_norm(
     ``bcn-micro``   as ``bcn`` with ``estimate=True``: the running statistics become the initial
                     estimates (the unbiased running variance is read as the estimate)
     ``inputnorm``   statistics and affine; the shift stays frozen (InputNorm's rule)
+    ``gn``          the affine (:class:`normkit.GroupNorm`, any dimensionality; pass
+                    ``num_groups``, default 32); the statistics are dropped (``groupnorm``)
+    ``frozenbn``    statistics and affine, all as buffers (:class:`normkit.FrozenBatchNorm2d`,
+                    2d only): the eval-mode function, frozen for good
+    ``brn``         statistics and affine (:class:`normkit.BatchRenorm2d`): the same eval
+                    function; training starts the renormalization schedule at step 0
+    ``bnet``        statistics; the affine becomes the centre tap and bias of the depthwise
+                    kernel (:class:`normkit.BNET2d`, 2d): the same function
+    ``bgn``         the affine; the per-channel statistics are dropped (BGN keeps one per group;
+                    ``num_groups`` defaults to the largest divisor of the channels up to 32)
+    ``mabn``        the running variance and the affine (no mean: MABN does not centre); the
+                    official momentum 0.02 unless ``momentum`` is given
+    ``iternorm``    the running mean and the affine; the whitening matrices start at the identity
+    ``frn``         the affine (FRN has no statistics; its own eps, 1e-6, unless given)
+    ``evonorm-b0``  the running variance and the affine
+    ``evonorm-s0``  the affine (no statistics; groups as for ``bgn``)
     ==============  ============================================================================
 
     ``to`` is one of these names, case- and separator-insensitive (``"SaBN_split"``), or a
@@ -364,7 +422,7 @@ def convert_norm(
     listed = _check_treat_as_bn(treat_as_bn)
     sources: tuple[type[nn.Module], ...] = _PLAIN_BATCH_NORMS + listed
     if include_groupnorm:
-        sources += (nn.GroupNorm,)
+        sources += (nn.GroupNorm, GroupNorm)  # normkit's is torch's with the arguments reordered
 
     # Pass 1: every name of every module, without touching the model.
     names_of: dict[int, list[str]] = {}
@@ -379,7 +437,8 @@ def convert_norm(
     left_alone: list[tuple[str, str]] = []
     for key, module in modules.items():
         cls = type(module)
-        is_norm = isinstance(module, _BatchNorm) or (
+        # FrozenBatchNorm2d is listed, as a normkit layer left alone, but never converted.
+        is_norm = isinstance(module, (_BatchNorm, FrozenBatchNorm2d)) or (
             include_groupnorm and isinstance(module, nn.GroupNorm)
         )
         if not is_norm and cls not in listed:
@@ -577,13 +636,28 @@ def _build(
         if old in state:
             state[new_key] = state.pop(old)
     _match_buffer_dtypes(source, new)
+    unfit: list[str] = []
     try:
         result = new.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shapes that do not fit: a treat_as_bn class that is no norm
-        raise ValueError(
-            f"{where}: cannot carry the state of {label} into {cls.__name__}: {e}"
-        ) from e
-    fresh = tuple(result.missing_keys)
+    except RuntimeError as e:
+        # Statistics the target keeps in another shape (BatchGroupNorm2d's per group) start
+        # fresh and are reported as dropped; anything else that does not fit is no norm's state
+        # (a treat_as_bn class that is no norm).
+        own = new.state_dict()
+        unfit = [
+            k
+            for k in _STATISTICS
+            if k in state and k in own and tuple(own[k].shape) != tuple(state[k].shape)
+        ]
+        for key in unfit:
+            del state[key]
+        try:
+            result = new.load_state_dict(state, strict=False)
+        except RuntimeError:
+            raise ValueError(
+                f"{where}: cannot carry the state of {label} into {cls.__name__}: {e}"
+            ) from e
+    fresh = tuple(k for k in result.missing_keys if k not in unfit)
 
     frozen = [n for n, p in source.named_parameters(recurse=False) if not p.requires_grad]
     if pin_shift:
@@ -593,7 +667,10 @@ def _build(
         if home is not None:
             home.requires_grad_(False)
     new.train(source.training)
-    return new, fresh, tuple(result.unexpected_keys)
+    return new, fresh, (*result.unexpected_keys, *unfit)
+
+
+_STATISTICS = ("running_mean", "running_var")
 
 
 def _home_of(new: nn.Module, key: str, fresh: tuple[str, ...]) -> nn.Parameter | None:
@@ -757,7 +834,8 @@ def freeze_norm(
 
     todo: list[nn.Module] = []
     stateless: list[str] = []
-    if not any(isinstance(module, kinds) for module in modules.values()):
+    # FrozenBatchNorm2d counts as an already frozen batch norm: no warning, nothing to do.
+    if not any(isinstance(module, (*kinds, FrozenBatchNorm2d)) for module in modules.values()):
         looked = "batch norms" + (" or group norms" if include_groupnorm else "")
         warnings.warn(
             f"{where}: expected a model with {looked}, got a {type(model).__name__} with none; "
@@ -769,7 +847,8 @@ def freeze_norm(
             continue
         if any(is_excluded(n, module) for n in names_of[key]):
             continue
-        if isinstance(module, _BatchNorm) and module.running_mean is None:
+        # running_var, not running_mean: a norm without centring (MABN) tracks no mean.
+        if isinstance(module, _BatchNorm) and module.running_var is None:
             stateless.append(f"{_show(names_of[key][0])!r} ({type(module).__name__})")
             continue
         todo.append(module)

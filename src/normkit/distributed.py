@@ -26,14 +26,26 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from normkit.convert import _FrozenNorm
 from normkit.layers.batch_channel import _BatchChannelNorm
+from normkit.layers.batch_group import BatchGroupNorm2d
 from normkit.layers.core import SyncBatchNorm, _BatchNormCore
+from normkit.layers.evonorm import EvoNormB0
+from normkit.layers.frozen import FrozenBatchNorm2d
+from normkit.layers.iternorm import _IterNorm
+from normkit.layers.mabn import MovingAverageBatchNorm2d
 
 __all__ = ["convert_sync", "revert_sync"]
 
 _TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 # Every normkit layer with batch statistics; each has ``sync`` and ``process_group`` attributes.
 # Related methods (issue 8) add their classes to this tuple.
-_NORMKIT_SYNCABLE = (_BatchNormCore, _BatchChannelNorm)
+_NORMKIT_SYNCABLE = (
+    _BatchNormCore,
+    _BatchChannelNorm,
+    EvoNormB0,
+    BatchGroupNorm2d,
+    MovingAverageBatchNorm2d,
+    _IterNorm,  # BNET2d is a _BatchNormCore
+)
 
 
 def _swap(model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None]) -> nn.Module:
@@ -76,8 +88,8 @@ def convert_sync(
         model: any module (itself a batch norm, possibly).
         process_group: the group to synchronize over (None: the default group).
         treat_as_bn: ``_BatchNorm`` subclasses to convert as if they were plain batch norms.
-            Norms frozen by :func:`normkit.freeze_norm` are left as they are (they use running
-            statistics).
+            Norms frozen by :func:`normkit.freeze_norm`, and :class:`normkit.FrozenBatchNorm2d`,
+            are left as they are (they use running statistics).
             Any other subclass with its own ``forward`` (say, a BN fused with an activation)
             is refused with a ``TypeError`` instead of silently losing its extra behaviour, the
             known flaw of ``nn.SyncBatchNorm.convert_sync_batchnorm``.
@@ -107,7 +119,7 @@ def convert_sync(
 
     def make(name: str, module: nn.Module) -> nn.Module | None:
         nonlocal found
-        if isinstance(module, _FrozenNorm):
+        if isinstance(module, (_FrozenNorm, FrozenBatchNorm2d)):
             found = True
             return None  # frozen norms use running statistics: nothing to synchronize
         if isinstance(module, _NORMKIT_SYNCABLE):

@@ -7,11 +7,14 @@ Three steps, each equal in eval mode to what it replaces:
 3. an eval-mode scale-and-shift that directly follows a convolution (or a linear layer) and is
    the only user of its output is folded into that layer's weight and bias:
 
-   * torch's batch norms and :class:`normkit.SyncBatchNorm` (with running statistics);
+   * torch's batch norms and :class:`normkit.SyncBatchNorm` (with running statistics), and
+     :class:`normkit.FrozenBatchNorm2d`;
    * Sandwich BN, CCBN and AuxBN when ``domain`` is given as an int (their eval affine is then
      one per-channel scale and shift); with a per-sample index they stay as they are;
    * BCN's batch part, after which the layer becomes an ``nn.GroupNorm`` carrying the channel
-     part's affine (per group affines are repeated per channel).
+     part's affine (per group affines are repeated per channel);
+   * BNET's normalization, after a plain ``nn.Conv2d``: the layer becomes its depthwise
+     convolution, a plain ``nn.Conv2d`` (:meth:`normkit.BNET2d.depthwise_conv`).
 
 Pairs are found by tracing the model with ``torch.fx`` (norm and conv layers as leaves); a model
 that does not trace falls back to pairs that sit next to each other in an ``nn.Sequential``.
@@ -33,7 +36,9 @@ from torch.nn.modules.conv import _ConvNd
 
 from normkit.distributed import revert_sync
 from normkit.layers.batch_channel import _BatchChannelNorm
+from normkit.layers.bnet import BNET2d
 from normkit.layers.core import _BatchNormCore
+from normkit.layers.frozen import FrozenBatchNorm2d
 from normkit.layers.weight_std import _StandardizedWeight
 
 __all__ = ["InferenceReport", "prepare_for_inference"]
@@ -72,6 +77,8 @@ class InferenceReport:
 
 def _eval_affine(norm: nn.Module, domain: int | None) -> tuple[Tensor, Tensor] | None:
     """The per-channel ``(scale, shift)`` a norm applies in eval, or None if there is none."""
+    if isinstance(norm, FrozenBatchNorm2d):
+        return norm.scale_shift()
     if not isinstance(norm, _BatchNorm) or isinstance(norm, _BatchChannelNorm):
         return None
     if norm.running_mean is None or norm.running_var is None:
@@ -86,6 +93,10 @@ def _eval_affine(norm: nn.Module, domain: int | None) -> tuple[Tensor, Tensor] |
             mean, var = mean[domain], var[domain]
         if norm.domain_weight is not None and norm.domain_bias is not None:
             g, b = norm.domain_weight[domain], norm.domain_bias[domain]
+    if mean.shape[-1] != norm.num_features:
+        # One statistic per group of consecutive channels (BatchGroupNorm2d): per channel.
+        repeat = norm.num_features // mean.shape[-1]
+        mean, var = mean.repeat_interleave(repeat), var.repeat_interleave(repeat)
     scale = torch.rsqrt(var + norm.eps)
     shift = -mean * scale
     if norm.weight is not None:
@@ -141,7 +152,8 @@ def _fold(
 
 class _LeafTracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, (_ConvNd, nn.Linear, _BatchNorm, nn.GroupNorm, FoldedNorm)):
+        leaves = (_ConvNd, nn.Linear, _BatchNorm, nn.GroupNorm, FrozenBatchNorm2d, FoldedNorm)
+        if isinstance(m, leaves):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -246,7 +258,15 @@ def prepare_for_inference(
         out_features = conv.weight.shape[0]
         if getattr(norm, "num_features", None) != out_features:
             continue
-        if isinstance(norm, _BatchChannelNorm):
+        if isinstance(norm, BNET2d):
+            # Its normalization (no affine) folds like a batch norm's; its convolution stays.
+            # A BNET2d after anything else is kept (BNET2d.to_conv folds it on its own).
+            bn_part = _eval_affine(norm, domain)
+            if bn_part is None or type(conv) is not nn.Conv2d:
+                continue
+            _fold(conv, *bn_part)
+            _set(model, norm_name, norm.depthwise_conv())
+        elif isinstance(norm, _BatchChannelNorm):
             if norm.running_mean is None:
                 continue
             _fold(conv, *_bcn_batch_affine(norm))
@@ -259,8 +279,9 @@ def prepare_for_inference(
             _set(model, norm_name, FoldedNorm())
         report.folded.append((conv_name, norm_name))
         done.add(norm_name)
+    norms = (_BatchNorm, _BatchChannelNorm, FrozenBatchNorm2d)
     for name, module in model.named_modules():
-        if isinstance(module, (_BatchNorm, _BatchChannelNorm)) and name not in done:
+        if isinstance(module, norms) and name not in done:
             report.kept.append(name)
         if domain is not None and getattr(type(module), "takes_domain", False):
             # Conditional layers left unfolded run for the chosen domain without a context.

@@ -180,19 +180,6 @@ def _layer_norm(normalized_shape: int | list[int], **kwargs: Any) -> nn.LayerNor
     return nn.LayerNorm(normalized_shape, **kwargs)
 
 
-def _group_norm(num_features: int, num_groups: int = 32, **kwargs: Any) -> nn.GroupNorm:
-    # GroupNorm takes the group count first; normkit's factories take the channel count first.
-    check_count("GroupNorm", "num_features", num_features)
-    check_count("GroupNorm", "num_groups", num_groups)
-    _check_torch_options("GroupNorm", kwargs)
-    if num_features % num_groups != 0:
-        raise ValueError(
-            f"GroupNorm: expected num_groups to divide num_features={num_features}, got "
-            f"num_groups={num_groups}"
-        )
-    return nn.GroupNorm(num_groups, num_features, **kwargs)
-
-
 def _register_builtins() -> None:
     families: dict[str, dict[str, NormFactory]] = {
         "bn": {
@@ -237,17 +224,52 @@ def _register_builtins() -> None:
         register_norm(name, functools.partial(dims["2d"], **bound))
         for dim, cls in dims.items():
             register_norm(f"{name}-{dim}", functools.partial(cls, **bound))
-    register_norm("gn", _group_norm)
-    register_norm("groupnorm", _group_norm)
     register_norm("batchnorm", functools.partial(_torch_norm, nn.BatchNorm2d))
     register_norm("in", functools.partial(_torch_norm, nn.InstanceNorm2d))
     register_norm("ln", _layer_norm)
     # Related methods (issue 8), one block per family; each helper edits only its own block.
     # -- renorm / batch-group names --
+    from normkit.layers import batch_group, renorm  # here, so that this block stands alone
+
+    renorms = {"1d": renorm.BatchRenorm1d, "2d": renorm.BatchRenorm2d, "3d": renorm.BatchRenorm3d}
+    for name in ("batchrenorm", "brn"):
+        register_norm(name, renorm.BatchRenorm2d)
+        for dim, brn_cls in renorms.items():
+            register_norm(f"{name}{dim}", brn_cls)
+    for name in ("batchgroupnorm", "bgn"):
+        register_norm(name, batch_group.BatchGroupNorm2d)  # 2d only: the bare name and "2d"
+        register_norm(f"{name}2d", batch_group.BatchGroupNorm2d)
     # -- mabn names --
+    from normkit.layers import mabn  # here, so that this block stands alone
+
+    register_norm("mabn", mabn.MovingAverageBatchNorm2d)  # 2d only: the bare name and "2d"
+    register_norm("mabn2d", mabn.MovingAverageBatchNorm2d)
     # -- iternorm / bnet names --
+    from normkit.layers import bnet, iternorm  # here, so that this block stands alone
+
+    register_norm("iternorm", iternorm.IterNorm2d)
+    register_norm("iternorm1d", iternorm.IterNorm1d)
+    register_norm("iternorm2d", iternorm.IterNorm2d)
+    register_norm("bnet", bnet.BNET2d)  # 2d only: the bare name and "2d"; kernel_size= given
+    register_norm("bnet2d", bnet.BNET2d)
     # -- frn / evonorm names --
+    from normkit.layers import evonorm, response  # here, so that this block stands alone
+
+    for name, cls in (
+        ("frn", response.FilterResponseNorm2d),
+        ("evonorm-b0", evonorm.EvoNormB0),
+        ("evonorm-s0", evonorm.EvoNormS0),
+    ):
+        register_norm(name, cls)  # 2d layers only: the bare name and its "2d" spelling
+        register_norm(f"{name}-2d", cls)
     # -- groupnorm / frozen names --
+    from normkit.layers import frozen, group_norm  # here, so that this block stands alone
+
+    register_norm("gn", group_norm.GroupNorm)  # any rank: no dimension suffixes
+    register_norm("groupnorm", group_norm.GroupNorm)
+    for name in ("frozenbn", "frozenbatchnorm"):
+        register_norm(name, frozen.FrozenBatchNorm2d)  # 2d only: the bare name and "2d"
+        register_norm(f"{name}2d", frozen.FrozenBatchNorm2d)
 
 
 _register_builtins()

@@ -146,13 +146,16 @@ def _check_conv_args(
 ) -> None:
     """Refuse, before ``nn.Conv*d.__init__`` fails on them with a RuntimeError, a negative
     size, a flag that is no bool, a dtype parameters cannot have, and ``sizes`` (kernel size,
-    stride, padding, dilation) that are not ints (their values: :func:`_check_conv_sizes`)."""
+    stride, padding, dilation) that are not ints or are out of range (a negative kernel size
+    fails in ``torch.empty``; their number: :func:`_check_conv_sizes`)."""
     for name, value in sizes.items():
+        if name == "padding" and isinstance(value, str):
+            continue
         items = value if isinstance(value, (tuple, list)) else (value,)
-        if not (name == "padding" and isinstance(value, str)) and any(
-            type(v) is not int for v in items
-        ):
+        if any(type(v) is not int for v in items):
             raise TypeError(f"{layer}: expected {name} to be an int or ints, got {value!r}")
+        for item in items:
+            check_count(layer, name, item, 0 if name == "padding" else 1)
     check_count(layer, "in_channels", in_channels)
     check_count(layer, "out_channels", out_channels)
     check_count(layer, "groups", groups)
@@ -210,6 +213,39 @@ def _check_conv_call(conv: _ConvNd, input: Tensor) -> None:
     check_conv_input(
         type(conv).__name__, input, conv.in_channels, conv.weight.dtype, _min_input_sizes(conv)
     )
+
+
+def _init_checked_conv(
+    conv: _ConvNd,
+    base: type[_ConvNd],
+    args: tuple[Any, ...],
+    padding_mode: str,
+    device: Any,
+    dtype: Any,
+) -> None:
+    """``base.__init__`` on ``conv`` between the checks of the layers here: the arguments before
+    (errors that name the layer, instead of torch's), the sizes after.
+
+    ``args`` are ``base``'s first positional arguments: ``(in_channels, out_channels,
+    kernel_size, stride, padding, dilation, groups, bias)``.
+    """
+    in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias = args
+    _check_conv_args(
+        type(conv).__name__,
+        in_channels,
+        out_channels,
+        groups,
+        bias,
+        dtype,
+        kernel_size=kernel_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+    )
+    # The class's own __init__ (nn.Conv1d/2d/3d take more arguments than _ConvNd's stub says).
+    init: Any = base.__init__
+    init(conv, *args, padding_mode, device, dtype)
+    _check_conv_sizes(conv)
 
 
 def _check_fan_in(layer: str, weight: Tensor, unbiased: bool) -> None:
