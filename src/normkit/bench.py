@@ -56,7 +56,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normkit.layers.batch_channel import BatchChannelNorm2d
+from normkit.layers.batch_group import BatchGroupNorm2d
+from normkit.layers.bnet import BNET2d
 from normkit.layers.core import SyncBatchNorm
+from normkit.layers.evonorm import EvoNormB0, EvoNormS0
+from normkit.layers.frozen import FrozenBatchNorm2d
+from normkit.layers.group_norm import GroupNorm
+from normkit.layers.iternorm import IterNorm2d
+from normkit.layers.mabn import CenConv2d, MovingAverageBatchNorm2d
+from normkit.layers.renorm import BatchRenorm2d
+from normkit.layers.response import FilterResponseNorm2d
 from normkit.layers.revisited import InputNorm2d
 from normkit.layers.sandwich import (
     AuxBatchNorm2d,
@@ -263,6 +272,83 @@ CASES: dict[str, Case] = {
             "conv",
             _conv_pair(ScaledWSConv2d),
         ),
+        # The related methods (issue 8). No targets: their ratios are reported, not promised.
+        Case(
+            "brn",
+            "BatchRenorm2d (r and d active: no warm-up)",
+            "nn.BatchNorm2d",
+            "norm",
+            lambda c: (
+                nn.BatchNorm2d(c),
+                BatchRenorm2d(c, warmup_steps=0, r_max_steps=0, d_max_steps=0),
+            ),
+        ),
+        Case(
+            "mabn",
+            "MovingAverageBatchNorm2d (buffer of 16 steps)",
+            "nn.BatchNorm2d",
+            "norm",
+            lambda c: (nn.BatchNorm2d(c), MovingAverageBatchNorm2d(c)),
+        ),
+        Case(
+            "bgn",
+            "BatchGroupNorm2d (32 groups)",
+            "nn.BatchNorm2d",
+            "norm",
+            lambda c: (nn.BatchNorm2d(c), BatchGroupNorm2d(c, num_groups=_bcn_groups(c))),
+        ),
+        Case(
+            "iternorm",
+            "IterNorm2d (groups of 64 channels, T = 5)",
+            "nn.BatchNorm2d",
+            "norm",
+            lambda c: (nn.BatchNorm2d(c), IterNorm2d(c)),
+        ),
+        Case(
+            "bnet",
+            "BNET2d (3x3 depthwise affine)",
+            "nn.BatchNorm2d",
+            "norm",
+            lambda c: (nn.BatchNorm2d(c), BNET2d(c)),
+        ),
+        Case(
+            "frn",
+            "FilterResponseNorm2d with TLU",
+            "nn.BatchNorm2d",
+            "norm",
+            lambda c: (nn.BatchNorm2d(c), FilterResponseNorm2d(c)),
+        ),
+        Case(
+            "evonorm-b0",
+            "EvoNormB0",
+            "nn.BatchNorm2d",
+            "norm",
+            lambda c: (nn.BatchNorm2d(c), EvoNormB0(c)),
+        ),
+        Case(
+            "evonorm-s0",
+            "EvoNormS0 (32 groups)",
+            "nn.BatchNorm2d",
+            "norm",
+            lambda c: (nn.BatchNorm2d(c), EvoNormS0(c, num_groups=_bcn_groups(c))),
+        ),
+        Case(
+            "groupnorm",
+            "normkit.GroupNorm (32 groups)",
+            "nn.BatchNorm2d",
+            "norm",
+            lambda c: (nn.BatchNorm2d(c), GroupNorm(c, _bcn_groups(c))),
+        ),
+        Case(
+            "frozenbn",
+            "FrozenBatchNorm2d (no_grad)",
+            "nn.BatchNorm2d (eval, no_grad)",
+            "norm",
+            lambda c: (nn.BatchNorm2d(c), FrozenBatchNorm2d(c)),
+            passes=("fwd",),
+            train=False,
+        ),
+        Case("cenconv", "CenConv2d 3x3 (train)", "nn.Conv2d 3x3", "conv", _conv_pair(CenConv2d)),
         Case(
             "resnet20-fixup",
             "Fixup ResNet-20 (fixup=True)",
@@ -641,8 +727,11 @@ class _Pair:
         self.x = x.requires_grad_(case.train and case.kind != "model")
         self.domain = torch.randint(0, NUM_DOMAINS, (n,), device=device)
         self.labels = torch.randint(0, 10, (n,), device=device)
+        # Only the "step" pass of a model case steps an optimizer (FrozenBatchNorm2d has no
+        # parameter to give one).
         self.optimizers = [
-            torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for m in self.modules
+            torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) if case.kind == "model" else None
+            for m in self.modules
         ]
         # Norms and 3x3 padded C -> C convs keep the input's shape (and memory format).
         self.grad_out = torch.randn_like(x)
@@ -668,6 +757,7 @@ class _Pair:
             return inference
         if pass_ == "step":
             model, opt = self.callables[side], self.optimizers[side]
+            assert opt is not None
 
             def step() -> Tensor:
                 loss = F.cross_entropy(model(self.x).float(), self.labels)
