@@ -39,7 +39,7 @@ def test_config_default_and_quick_sizes() -> None:
     assert full["depths"] == [10, 100, 1000]
     assert quick["depths"] == [10, 100]
     assert quick["epochs"] < full["epochs"]
-    assert full["methods"] == ["fixup", "bn", "none-default", "none-he"]
+    assert full["methods"] == ["fixup", "bn", "none-default", "none-he", "rezero", "nf-agc"]
     # The depth-aware scalar lr: min(0.1, 10 / L), recorded per depth.
     assert full["scalar_lr_mult"] == {"10": 0.1, "100": 0.1, "1000": 0.01}
     json.dumps(full, allow_nan=False)
@@ -71,7 +71,7 @@ def test_config_refuses_bad_overrides(overrides: dict) -> None:
 def test_runs_cover_methods_depths_and_seeds_once() -> None:
     cfg = STUDY.config(quick=False, overrides={})
     runs = STUDY.runs(cfg, [0, 1, 2])
-    assert len(runs) == 4 * 3 * 3
+    assert len(runs) == len(depth.METHODS) * 3 * 3
     assert len({r.key for r in runs}) == len(runs)
     assert {r.setting for r in runs} == {"L10", "L100", "L1000"}
     assert all("/" not in r.key for r in runs)
@@ -159,3 +159,46 @@ def test_figures_write_pngs(tmp_path: Path) -> None:
     assert [p.name for p in paths] == ["depth_accuracy.png", "depth_grad_norm.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rezero_blocks_are_the_identity_at_init_and_their_gates_learn() -> None:
+    torch.manual_seed(0)
+    model = depth.ResidualMLP("rezero", 6, width=16, in_features=8)
+    x = torch.rand(32, 16)  # the stream after the stem's ReLU is non-negative
+    torch.testing.assert_close(model.blocks(x), x, rtol=0, atol=0)
+    model.blocks(x).square().sum().backward()
+    gates = [b.gate.weight.grad for b in model.blocks]
+    assert all(g is not None and g.abs().sum() > 0 for g in gates)
+
+
+def test_nf_blocks_grow_the_stream_variance_as_tracked() -> None:
+    # beta_i is the expected std before block i: Var(x_L) = 1 + L alpha^2 for a unit-variance
+    # input, which only holds if the scaled WS layers preserve variance through the ReLUs.
+    torch.manual_seed(0)
+    alpha, blocks = 0.2, 25
+    model = depth.ResidualMLP("nf-agc", blocks, width=64, nf_alpha=alpha)
+    betas = [b.beta for b in model.blocks]
+    assert betas == pytest.approx([math.sqrt(1 + i * alpha**2) for i in range(blocks)])
+    x = torch.randn(4096, 64)
+    with torch.no_grad():
+        var = model.blocks(x).var().item()
+    assert 0.7 * (1 + blocks * alpha**2) < var < 1.3 * (1 + blocks * alpha**2), var
+
+
+def test_nf_agc_run_clips_every_gradient_but_the_heads(monkeypatch: pytest.MonkeyPatch) -> None:
+    import normkit
+
+    seen: list[int] = []
+    real = normkit.adaptive_grad_clip_
+
+    def spy(params, clip_factor=0.01, eps=1e-3):  # type: ignore[no-untyped-def]
+        params = list(params)
+        seen.append(len(params))
+        return real(params, clip_factor=clip_factor, eps=eps)
+
+    monkeypatch.setattr(normkit, "adaptive_grad_clip_", spy)
+    cfg = STUDY.config(quick=True, overrides=TINY)
+    STUDY.run(Run("nf-agc", "L3", 0), cfg, _noop)
+    model = depth.ResidualMLP("nf-agc", 3, width=16)
+    n_params = len(list(model.parameters())) - len(list(model.head.parameters()))
+    assert seen and set(seen) == {n_params}

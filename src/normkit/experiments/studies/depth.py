@@ -9,7 +9,7 @@ digits, flattened to 64 features standardized with the training split's per-pixe
 
     stem Linear(64, 64) -> ReLU -> L blocks  x -> relu(x + branch(x))  -> head Linear(64, 10)
 
-with one of four arms (the ``methods``):
+with one of six arms (the ``methods``):
 
 ``fixup``
     branch ``scale * fc2(relu(fc1(x + b1a) + b1b) + b2a) + b2b`` (:class:`normkit.Bias`,
@@ -26,6 +26,21 @@ with one of four arms (the ``methods``):
     weight variance ``1 / (3 fan_in)``).
 ``none-he``
     the same network, every linear layer He normal (``fan_in``, ReLU gain), biases 0.
+``rezero``
+    SkipInit / ReZero (De & Smith 2020; Bachlechner et al. 2020): the ``none-he`` branch behind
+    a :class:`normkit.ResidualGate`, ``relu(x + g * fc2(relu(fc1(x))))`` with the scalar ``g``
+    initialised to 0, so every block is the identity at init; He init, no normalization.
+``nf-agc``
+    the normalizer-free recipe (Brock et al. 2021): ``x + alpha * fc2(relu(fc1(relu(x / beta))))``
+    with scaled weight standardization (:class:`normkit.ScaledWSConv2d` as 1x1 convolutions, that
+    is, linear layers; ReLU gain ``gamma = 1.7139588594436646``), ``alpha = 0.2`` and
+    ``beta_i = sqrt(1 + i * alpha**2)`` the expected std of the stream before block ``i``, and
+    adaptive gradient clipping (:func:`normkit.adaptive_grad_clip_`, ``agc_clip_factor``) of every
+    parameter but the head's after each backward. No ReLU after the addition, as NF-ResNets.
+    The clip factor is the function's default, 0.01, untuned. The paper tunes it per batch size
+    (larger for smaller batches); on seed 0 at batch 64, 0.16 gave 0.95 / 0.89 test accuracy at
+    10 / 100 blocks against 0.87 / 0.87 for 0.01. The arm costs about 2.5 times a Fixup arm
+    per block (the weight standardization of every layer at every step).
 
 **The Fixup scalars' learning rate shrinks with depth**: ``scalar_lr_mult(L) =
 min(scalar_lr_base, scalar_lr_depth_const / L)``, by default ``min(0.1, 10 / L)``: 0.1 at 10 and
@@ -107,7 +122,9 @@ from normkit.experiments.study import Claim, Metrics, Progress, Run, Study
 
 __all__ = ["METHODS", "STUDY", "DepthStudy", "ResidualMLP", "scalar_lr_mult", "setting_name"]
 
-METHODS: tuple[str, ...] = ("fixup", "bn", "none-default", "none-he")
+METHODS: tuple[str, ...] = ("fixup", "bn", "none-default", "none-he", "rezero", "nf-agc")
+RELU_GAIN = 1.7139588594436646
+"""The NF-Net gain of ReLU: ``gamma`` that keeps unit variance through ``relu`` then a layer."""
 NUM_CLASSES = 10
 _TEST_SIZE = 450
 
@@ -123,6 +140,8 @@ _DEFAULTS: dict[str, Any] = {
     "scalar_lr_base": 0.1,
     "scalar_lr_depth_const": 10.0,
     "diverge_loss": 1000.0,
+    "nf_alpha": 0.2,
+    "agc_clip_factor": 0.01,
     "train_size": None,
     "device": "cpu",
 }
@@ -199,13 +218,55 @@ class _FixupBlock(nn.Module):
         return F.relu(x + out)
 
 
+class _GatedBlock(nn.Module):
+    """SkipInit / ReZero: a plain branch behind a zero-initialised scalar gate."""
+
+    def __init__(self, width: int) -> None:
+        from normkit import ResidualGate
+
+        super().__init__()
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, width)
+        self.gate = ResidualGate()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x + self.gate(self.fc2(F.relu(self.fc1(x)))))
+
+
+class _NFBlock(nn.Module):
+    """A normalizer-free block: ``x + alpha * f(x / beta)`` with scaled-WS linear layers."""
+
+    def __init__(self, width: int, alpha: float, beta: float) -> None:
+        from normkit import ScaledWSConv2d
+
+        super().__init__()
+        # 1x1 convolutions on (N, width, 1, 1): linear layers with scaled weight standardization.
+        self.fc1 = ScaledWSConv2d(width, width, 1, gamma=RELU_GAIN)
+        self.fc2 = ScaledWSConv2d(width, width, 1, gamma=RELU_GAIN)
+        self.alpha = alpha
+        self.beta = beta
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(x / self.beta)[:, :, None, None]
+        out = self.fc2(F.relu(self.fc1(h))).flatten(1)
+        return x + self.alpha * out
+
+
 class ResidualMLP(nn.Module):
     """The residual MLP of the study: stem, ``depth`` blocks, head; one of :data:`METHODS`.
 
     The init of each arm is described in the module docstring.
     """
 
-    def __init__(self, method: str, depth: int, width: int = 64, in_features: int = 64) -> None:
+    def __init__(
+        self,
+        method: str,
+        depth: int,
+        width: int = 64,
+        in_features: int = 64,
+        *,
+        nf_alpha: float = 0.2,
+    ) -> None:
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"ResidualMLP: expected a method in {METHODS}, got {method!r}")
@@ -218,8 +279,15 @@ class ResidualMLP(nn.Module):
             self.stem_post = nn.BatchNorm1d(width)
         else:
             self.stem_post = nn.Identity()
-        block = {"fixup": _FixupBlock, "bn": _BNBlock}.get(method, _PlainBlock)
-        self.blocks = nn.Sequential(*[block(width) for _ in range(depth)])
+        if method == "nf-agc":
+            self.blocks = nn.Sequential(
+                *[_NFBlock(width, nf_alpha, math.sqrt(1 + i * nf_alpha**2)) for i in range(depth)]
+            )
+        else:
+            block = {"fixup": _FixupBlock, "bn": _BNBlock, "rezero": _GatedBlock}.get(
+                method, _PlainBlock
+            )
+            self.blocks = nn.Sequential(*[block(width) for _ in range(depth)])
         self.head_bias: nn.Module = Bias() if method == "fixup" else nn.Identity()
         self.head = nn.Linear(width, NUM_CLASSES)
         self._init()
@@ -233,7 +301,7 @@ class ResidualMLP(nn.Module):
             for blk in self.blocks:
                 assert isinstance(blk, _BNBlock)
                 nn.init.zeros_(blk.bn2.weight)
-        elif self.method == "none-he":
+        elif self.method in ("none-he", "rezero"):
             for mod in self.modules():
                 if isinstance(mod, nn.Linear):
                     nn.init.kaiming_normal_(mod.weight, mode="fan_in", nonlinearity="relu")
@@ -271,7 +339,14 @@ def _validate(cfg: dict[str, Any]) -> None:
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise _bad(key, "a positive int", v)
-    for key in ("lr", "scalar_lr_base", "scalar_lr_depth_const", "diverge_loss"):
+    for key in (
+        "lr",
+        "scalar_lr_base",
+        "scalar_lr_depth_const",
+        "diverge_loss",
+        "nf_alpha",
+        "agc_clip_factor",
+    ):
         if not _is_number(cfg[key]) or not cfg[key] > 0:
             raise _bad(key, "a positive number", cfg[key])
     for key in ("momentum", "weight_decay"):
@@ -364,6 +439,8 @@ class DepthStudy(Study):
 
     def run(self, run: Run, config: Mapping[str, Any], progress: Progress) -> Metrics:
         """Train one arm at one depth for the fixed budget; see the module docstring."""
+        from normkit import adaptive_grad_clip_
+
         depth = _depth_of(run.setting)
         device = torch.device(config.get("device", "cpu"))
         x_tr, y_tr, x_te, y_te = _digits()
@@ -372,7 +449,14 @@ class DepthStudy(Study):
         x_tr, y_tr, x_te, y_te = (t.to(device) for t in (x_tr, y_tr, x_te, y_te))
 
         torch.manual_seed(run.seed)
-        model = ResidualMLP(run.method, depth, config["width"], x_tr.shape[1]).to(device)
+        model = ResidualMLP(
+            run.method, depth, config["width"], x_tr.shape[1], nf_alpha=float(config["nf_alpha"])
+        ).to(device)
+        clipped: list[nn.Parameter] = []
+        if run.method == "nf-agc":
+            # AGC on every parameter but the classifier's, as the NF-Net paper prescribes.
+            head = {id(p) for p in model.head.parameters()}
+            clipped = [p for p in model.parameters() if id(p) not in head]
         lr = float(config["lr"])
         wd = float(config["weight_decay"])
         if run.method == "fixup":
@@ -409,6 +493,8 @@ class DepthStudy(Study):
                 losses[step] = value
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if clipped:
+                    adaptive_grad_clip_(clipped, clip_factor=float(config["agc_clip_factor"]))
                 opt.step()
                 step += 1
                 if step % max(1, total // 50) == 0:
@@ -586,6 +672,21 @@ STUDY = DepthStudy(
             text="Fixup trains at every depth where no normalization with default init fails",
             better="fixup",
             worse="none-default",
+            metric="test_acc",
+        ),
+        Claim(
+            text="SkipInit/ReZero trains at every depth where no normalization with He init fails",
+            better="rezero",
+            worse="none-he",
+            metric="test_acc",
+        ),
+        Claim(
+            text=(
+                "normalizer-free blocks (scaled WS + AGC) train at every depth where no "
+                "normalization with He init fails"
+            ),
+            better="nf-agc",
+            worse="none-he",
             metric="test_acc",
         ),
     ),

@@ -2,7 +2,7 @@
 
 A small conv net (conv16 → conv32 → max-pool → conv32 → global average pool → FC, each conv
 followed by its norm and a ReLU; 4 groups for GN and BCN) is trained on the digits at per-step
-batch sizes 1, 2, 4 and 32 with five normalizations:
+batch sizes 1, 2, 4 and 32 with the paper's five normalizations:
 
 - ``BN``: ``nn.BatchNorm2d`` after plain convs;
 - ``GN``: ``nn.GroupNorm(4)`` after plain convs;
@@ -11,6 +11,25 @@ batch sizes 1, 2, 4 and 32 with five normalizations:
   after WS convs;
 - ``BCN+WS-micro``: BCN with estimated statistics (``estimate=True``, rate 0.01), the paper's
   micro-batch form, after WS convs.
+
+and with the small-batch methods around the paper (issue 8), each after plain convolutions:
+
+- ``BRN``: :class:`normkit.BatchRenorm2d` (Ioffe 2017), its warm-up schedule scaled to the run
+  (below);
+- ``MABN``: :class:`normkit.MovingAverageBatchNorm2d` after :class:`normkit.CenConv2d`
+  (Yan et al. 2020, the paper's pairing), ring buffers of ``max(1, mabn_batch // b)`` steps so
+  that the moving averages span about ``mabn_batch`` (32) samples at every batch size, the
+  official warm-up (100 steps) and r clamp (1000 steps);
+- ``BGN``: :class:`normkit.BatchGroupNorm2d` (Zhou et al. 2020) with ``groups`` (4) groups;
+- ``FRN``: :class:`normkit.FilterResponseNorm2d` with its TLU (Singh & Krishnan 2020), which
+  replaces the norm and the ReLU;
+- ``EvoNorm-S0``: :class:`normkit.EvoNormS0` (Liu et al. 2020) with ``groups`` groups, which
+  also replaces the norm and the ReLU.
+
+**BRN's schedule.** The paper keeps r_max = 1, d_max = 0 (plain BN) for 5k steps, then relaxes
+them to d_max = 5 by 25k and r_max = 3 by 40k steps, on a run far longer than these. The run here
+is 126 to 4041 steps, so the same proportions are kept with the r_max ramp ending halfway
+through the run: warm-up until 1/16 of the steps, d_max reached at 5/16 and r_max at 1/2.
 
 Accuracy is eval-mode accuracy on the 450 test images. At batch 1 BN normalizes each sample
 by its own statistics in training but by running averages in eval, and that mismatch is what
@@ -35,7 +54,9 @@ one epoch (9 steps) would leave the large-batch baseline untrained and make the 
 against it meaningless. The extra epochs favour the large-batch side, so they cannot make the
 micro-batch claims easier to hold.
 
-**Claims.** (1) At the smallest batch, micro-batch BCN+WS beats BN (one-sided paired t-test).
+**Claims.** (0) For each of BRN, MABN, BGN, FRN and EvoNorm-S0: at the smallest batch it beats
+BN (one-sided paired t-test), the small-batch claim each of those papers makes.
+(1) At the smallest batch, micro-batch BCN+WS beats BN (one-sided paired t-test).
 (2) Micro-batch BCN+WS at the smallest batch is no worse than BN at the largest batch by more
 than ``margin`` (1) accuracy point: a non-inferiority test, the same paired t-test on the
 differences shifted by the margin, so "held" means significant evidence that the gap is below
@@ -61,8 +82,12 @@ from torch import nn
 
 from normkit.experiments.study import Claim, ConfigError, Metrics, Progress, Run, Study
 
-METHODS = ("BN", "GN", "GN+WS", "BCN+WS", "BCN+WS-micro")
 MICRO = "BCN+WS-micro"
+RELATED = ("BRN", "MABN", "BGN", "FRN", "EvoNorm-S0")
+"""The small-batch methods around the paper, each claimed to beat BN at a small batch."""
+METHODS = ("BN", "GN", "GN+WS", "BCN+WS", MICRO, *RELATED)
+BATCH_FREE_ACT = ("FRN", "EvoNorm-S0")
+"""Methods whose layer includes the nonlinearity (no ReLU after it)."""
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "methods": list(METHODS),
@@ -77,6 +102,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "weight_decay": 1e-4,
     "groups": 4,
     "estimate_rate": 0.01,
+    "mabn_batch": 32,
     "margin": 1.0,
     "seeds": 5,
 }
@@ -97,14 +123,36 @@ def batch_of(setting: str) -> int:
     return int(setting.split("=", 1)[1])
 
 
-def _conv(c_in: int, c_out: int, ws: bool) -> nn.Module:
+def _conv(c_in: int, c_out: int, method: str) -> nn.Module:
     import normkit
 
-    cls = normkit.WSConv2d if ws else nn.Conv2d
+    cls: type[nn.Module] = nn.Conv2d
+    if method.endswith("WS") or method == MICRO:
+        cls = normkit.WSConv2d
+    elif method == "MABN":
+        cls = normkit.CenConv2d
     return cls(c_in, c_out, 3, padding=1, bias=False)
 
 
-def _norm(method: str, channels: int, groups: int, rate: float) -> nn.Module:
+def brn_schedule(total_steps: int) -> dict[str, int]:
+    """BRN's warm-up and ramps, the paper's 5k/25k/40k proportions ending at half the run."""
+    half = max(1, total_steps // 2)
+    return {
+        "warmup_steps": half // 8,
+        "d_max_steps": half * 5 // 8,
+        "r_max_steps": half,
+    }
+
+
+def _norm(
+    method: str,
+    channels: int,
+    groups: int,
+    rate: float,
+    batch_size: int = 32,
+    total_steps: int = 100,
+    mabn_batch: int = 32,
+) -> nn.Module:
     import normkit
 
     if method == "BN":
@@ -117,15 +165,46 @@ def _norm(method: str, channels: int, groups: int, rate: float) -> nn.Module:
         return normkit.BatchChannelNorm2d(
             channels, num_groups=groups, estimate=True, estimate_rate=rate
         )
+    if method == "BRN":
+        schedule = brn_schedule(total_steps)
+        return normkit.BatchRenorm2d(
+            channels,
+            warmup_steps=schedule["warmup_steps"],
+            d_max_steps=schedule["d_max_steps"],
+            r_max_steps=schedule["r_max_steps"],
+        )
+    if method == "MABN":
+        return normkit.MovingAverageBatchNorm2d(
+            channels, buffer_size=max(1, mabn_batch // batch_size)
+        )
+    if method == "BGN":
+        return normkit.BatchGroupNorm2d(channels, num_groups=groups)
+    if method == "FRN":
+        return normkit.FilterResponseNorm2d(channels)
+    if method == "EvoNorm-S0":
+        return normkit.EvoNormS0(channels, num_groups=groups)
     raise ValueError(f"microbatch: unknown method {method!r}")
 
 
-def build_model(method: str, groups: int = 4, estimate_rate: float = 0.01) -> nn.Sequential:
-    """conv16 → conv32 → max-pool → conv32 → global average pool → FC(10)."""
-    ws = method.endswith("WS") or method == MICRO
+def build_model(
+    method: str,
+    groups: int = 4,
+    estimate_rate: float = 0.01,
+    *,
+    batch_size: int = 32,
+    total_steps: int = 100,
+    mabn_batch: int = 32,
+) -> nn.Sequential:
+    """conv16 → conv32 → max-pool → conv32 → global average pool → FC(10).
+
+    ``batch_size`` and ``total_steps`` size MABN's buffers and BRN's schedule (see the module
+    docstring); the other methods ignore them.
+    """
 
     def block(c_in: int, c_out: int) -> list[nn.Module]:
-        return [_conv(c_in, c_out, ws), _norm(method, c_out, groups, estimate_rate), nn.ReLU()]
+        norm = _norm(method, c_out, groups, estimate_rate, batch_size, total_steps, mabn_batch)
+        act = [] if method in BATCH_FREE_ACT else [nn.ReLU()]
+        return [_conv(c_in, c_out, method), norm, *act]
 
     return nn.Sequential(
         *block(1, 16),
@@ -168,7 +247,10 @@ def _positive_float(name: str, value: Any) -> float:
 @dataclass
 class MicrobatchStudy(Study):
     name: str = "microbatch"
-    title: str = "Micro-batch training: BN, GN, GN+WS, BCN+WS and micro-batch BCN+WS"
+    title: str = (
+        "Micro-batch training: BN, GN, GN+WS, BCN+WS and micro-batch BCN+WS, with BRN, MABN, "
+        "BGN, FRN and EvoNorm-S0"
+    )
     paper: str = (
         "Qiao, Wang, Liu, Shen & Yuille, Micro-Batch Training with Batch-Channel Normalization "
         "and Weight Standardization (arXiv 1903.10520)"
@@ -192,7 +274,15 @@ class MicrobatchStudy(Study):
         if not isinstance(sizes, list) or not sizes:
             raise ConfigError("--batch-sizes: expected a comma-separated list of batch sizes")
         config["batch_sizes"] = sorted({_positive_int("batch_sizes", b) for b in sizes})
-        for key in ("epochs", "train_size", "base_batch", "lr_min_batch", "groups", "seeds"):
+        for key in (
+            "epochs",
+            "train_size",
+            "base_batch",
+            "lr_min_batch",
+            "groups",
+            "mabn_batch",
+            "seeds",
+        ):
             config[key] = _positive_int(key, config[key])
         if isinstance(config["min_steps"], bool) or not isinstance(config["min_steps"], int):
             raise ConfigError("--min-steps: expected an integer")
@@ -216,10 +306,23 @@ class MicrobatchStudy(Study):
 
     def claims_for(self, config: Mapping[str, Any]) -> Sequence[Claim]:
         methods, sizes = config["methods"], config["batch_sizes"]
-        if MICRO not in methods or "BN" not in methods:
+        if "BN" not in methods:
             return ()
         small, large = min(sizes), max(sizes)
         claims = [
+            Claim(
+                text=f"at batch {small}, {method} beats BN",
+                better=method,
+                worse="BN",
+                metric="test_acc",
+                settings=(setting_name(small),),
+            )
+            for method in RELATED
+            if method in methods
+        ]
+        if MICRO not in methods:
+            return claims
+        claims.append(
             Claim(
                 text=f"at batch {small}, micro-batch BCN+WS beats BN",
                 better=MICRO,
@@ -227,7 +330,7 @@ class MicrobatchStudy(Study):
                 metric="test_acc",
                 settings=(setting_name(small),),
             )
-        ]
+        )
         if large > small:
             margin = config["margin"]
             claims.append(
@@ -267,16 +370,23 @@ class MicrobatchStudy(Study):
         x, y = x.to(device), y.to(device)
         x_test, y_test = digits.x_test.to(device), digits.y_test.to(device)
 
+        epochs = epochs_for(config, len(y), batch)
+        total = training.steps_per_epoch(len(y), batch, drop_last=True) * epochs
         training.init_seed(run.seed)
-        model = build_model(run.method, config["groups"], config["estimate_rate"]).to(device)
+        model = build_model(
+            run.method,
+            config["groups"],
+            config["estimate_rate"],
+            batch_size=batch,
+            total_steps=total,
+            mabn_batch=config.get("mabn_batch", 32),
+        ).to(device)
         optimizer = training.sgd(
             model.parameters(),
             learning_rate(config, batch),
             momentum=config["momentum"],
             weight_decay=config["weight_decay"],
         )
-        epochs = epochs_for(config, len(y), batch)
-        total = training.steps_per_epoch(len(y), batch, drop_last=True) * epochs
         scheduler = training.cosine_lr(optimizer, total)
         result = training.train(
             model,
