@@ -281,6 +281,27 @@ def sync_moments(
     return g_mean.to(mean.dtype), g_var.to(var.dtype), values[..., 0]
 
 
+class Synchronized:
+    """Mixin of every layer with batch statistics that :func:`normkit.convert_sync` can switch
+    to statistics merged over the ranks of ``process_group``.
+
+    ``sync`` is False until ``convert_sync`` sets it; merging happens in training only, and not
+    at all without an initialized process group of several ranks.
+    """
+
+    #: Batch statistics over every rank of ``process_group`` (see :func:`normkit.convert_sync`).
+    sync: bool = False
+    process_group: Any = None
+    training: bool
+
+    def _syncing(self) -> bool:
+        return self.sync and self.training and world_size(self.process_group) > 1
+
+    def _verify_peers(self, fields: dict[str, int], device: Any) -> None:
+        # Once per layer: every rank must hold this very layer (see verify_peers).
+        verify_peers(self, type(self).__name__, fields, device, self.process_group)
+
+
 @torch.no_grad()
 def all_reduce_sum_(t: Tensor, group: Any = None, layer: str = "normkit") -> Tensor:
     """In-place sum over every rank of ``group``, without gradient; returns ``t``."""

@@ -24,28 +24,16 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normkit._stats import Synchronized
 from normkit.convert import _FrozenNorm
-from normkit.layers.batch_channel import _BatchChannelNorm
-from normkit.layers.batch_group import BatchGroupNorm2d
-from normkit.layers.core import SyncBatchNorm, _BatchNormCore
-from normkit.layers.evonorm import EvoNormB0
+from normkit.layers.core import SyncBatchNorm
 from normkit.layers.frozen import FrozenBatchNorm2d
-from normkit.layers.iternorm import _IterNorm
-from normkit.layers.mabn import MovingAverageBatchNorm2d
 
 __all__ = ["convert_sync", "revert_sync"]
 
 _TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-# Every normkit layer with batch statistics; each has ``sync`` and ``process_group`` attributes.
-# Related methods (issue 8) add their classes to this tuple.
-_NORMKIT_SYNCABLE = (
-    _BatchNormCore,
-    _BatchChannelNorm,
-    EvoNormB0,
-    BatchGroupNorm2d,
-    MovingAverageBatchNorm2d,
-    _IterNorm,  # BNET2d is a _BatchNormCore
-)
+# Every normkit layer with batch statistics derives from Synchronized (``sync``, ``process_group``).
+_NORMKIT_SYNCABLE = (Synchronized,)
 
 
 def _swap(model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None]) -> nn.Module:

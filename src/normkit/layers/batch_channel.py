@@ -28,12 +28,11 @@ from normkit._checks import (
     check_positive,
 )
 from normkit._stats import (
+    Synchronized,
     all_reduce_sum_,
     estimate_update_,
     sync_moments,
     track_batch_,
-    verify_peers,
-    world_size,
 )
 
 __all__ = ["BatchChannelNorm1d", "BatchChannelNorm2d", "BatchChannelNorm3d"]
@@ -41,7 +40,7 @@ __all__ = ["BatchChannelNorm1d", "BatchChannelNorm2d", "BatchChannelNorm3d"]
 _GROUP_AFFINES = ("per_group", "per_channel")
 
 
-class _BatchChannelNorm(_BatchNorm):
+class _BatchChannelNorm(Synchronized, _BatchNorm):
     _ranks: tuple[int, ...] = (4,)
     num_groups: int
     estimate: bool
@@ -49,10 +48,6 @@ class _BatchChannelNorm(_BatchNorm):
     group_affine: str
     group_weight: nn.Parameter | None
     group_bias: nn.Parameter | None
-    #: Batch statistics (and estimates) over every rank of ``process_group``
-    #: (see :func:`normkit.convert_sync`).
-    sync = False
-    process_group: Any = None
     #: Fused kernels in training (see :mod:`normkit._fused`); False runs the reference path,
     #: the formula written out step by step (for tests and debugging).
     fast = True
@@ -143,13 +138,12 @@ class _BatchChannelNorm(_BatchNorm):
         check_input(name, input, self._ranks, self.num_features)
         syncing = self._syncing()
         if syncing:
-            # Once per layer: every rank must hold this very layer (see verify_peers).
             fields = {
                 "num_features": self.num_features,
                 "num_groups": self.num_groups,
                 "estimate": int(self.estimate),
             }
-            verify_peers(self, name, fields, input.device, self.process_group)
+            self._verify_peers(fields, input.device)
         if self.training and not self.estimate and not syncing:
             check_batch_values(name, input)
         params = (self.weight, self.bias, self.group_weight, self.group_bias)
@@ -214,9 +208,6 @@ class _BatchChannelNorm(_BatchNorm):
             scale = scale * gw
             shift = shift * gw + gb
         return scale, shift
-
-    def _syncing(self) -> bool:
-        return self.sync and self.training and world_size(self.process_group) > 1
 
     def _batch_statistics(
         self, x: Tensor, m: Tensor, q: Tensor, syncing: bool

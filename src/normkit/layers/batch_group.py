@@ -25,12 +25,12 @@ from normkit._checks import (
     check_num_groups,
     check_positive,
 )
-from normkit._stats import sync_moments, track_batch_, verify_peers, world_size
+from normkit._stats import Synchronized, sync_moments, track_batch_
 
 __all__ = ["BatchGroupNorm2d"]
 
 
-class BatchGroupNorm2d(_BatchNorm):
+class BatchGroupNorm2d(Synchronized, _BatchNorm):
     r"""Batch Group Normalization (BGN; Zhou et al. 2020, arXiv 2012.02782) [experimental].
 
     The channels are split into G groups of ``C/G`` consecutive channels; group g holds channels
@@ -90,9 +90,6 @@ class BatchGroupNorm2d(_BatchNorm):
     """
 
     _ranks: tuple[int, ...] = (4,)
-    #: Batch statistics over every rank of ``process_group`` (see :func:`normkit.convert_sync`).
-    sync = False
-    process_group: Any = None
     num_groups: int
 
     def __init__(
@@ -131,17 +128,13 @@ class BatchGroupNorm2d(_BatchNorm):
         )
         return s + (", sync=True" if self.sync else "")
 
-    def _syncing(self) -> bool:
-        return self.sync and self.training and world_size(self.process_group) > 1
-
     def forward(self, input: Tensor) -> Tensor:
         name = type(self).__name__
         check_input(name, input, self._ranks, self.num_features)
         syncing = self._syncing()
         if syncing:
-            # Once per layer: every rank must hold this very layer (see verify_peers).
             fields = {"num_features": self.num_features, "num_groups": self.num_groups}
-            verify_peers(self, name, fields, input.device, self.process_group)
+            self._verify_peers(fields, input.device)
         n, c = input.shape[0], input.shape[1]
         per_group = c // self.num_groups * math.prod(input.shape[2:])  # C/G · H · W
         if self.training and not syncing and n * per_group == 1:

@@ -34,14 +34,14 @@ from normkit._fused import (
     moment_scale_shift,
     sample_moments,
 )
-from normkit._stats import sync_moments, track_batch_, verify_peers, world_size
+from normkit._stats import Synchronized, sync_moments, track_batch_
 
 __all__ = ["DomainIndex", "SyncBatchNorm"]
 
 DomainIndex = int | Tensor
 
 
-class _BatchNormCore(_BatchNorm):
+class _BatchNormCore(Synchronized, _BatchNorm):
     """Statistics (shared or per domain, local or synchronized), then one folded affine.
 
     Subclasses choose the parts (``affine`` for the shared affine, ``domain_affine``,
@@ -60,9 +60,6 @@ class _BatchNormCore(_BatchNorm):
     takes_domain = False
     #: The index used when forward gets none (set by :func:`normkit.condition`).
     context_domain: DomainIndex | None = None
-    #: Batch statistics over every rank of ``process_group`` (see :func:`normkit.convert_sync`).
-    sync = False
-    process_group: Any = None
     #: Fused kernels for batch statistics in training (see :mod:`normkit._fused`); False runs
     #: the reference path, the formula written out step by step (for tests and debugging).
     fast = True
@@ -210,9 +207,6 @@ class _BatchNormCore(_BatchNorm):
     def _needs_domain(self) -> bool:
         return self.split_stats or self.domain_weight is not None
 
-    def _syncing(self) -> bool:
-        return self.sync and self.training and world_size(self.process_group) > 1
-
     def forward(self, input: Tensor, domain: DomainIndex | None = None) -> Tensor:
         name = type(self).__name__
         check_input(name, input, self._ranks, self.num_features)
@@ -232,13 +226,12 @@ class _BatchNormCore(_BatchNorm):
             domain = 0
         syncing = self._syncing()
         if syncing:
-            # Once per layer: every rank must hold this very layer (see verify_peers).
             fields = {
                 "num_features": self.num_features,
                 "num_domains": self.num_domains,
                 "split_stats": int(self.split_stats),
             }
-            verify_peers(self, name, fields, input.device, self.process_group)
+            self._verify_peers(fields, input.device)
         if self.training and not syncing:
             # Under sync a rank may hold one value per channel (or none): the global batch
             # decides, as in torch's SyncBatchNorm.

@@ -24,7 +24,7 @@ from normkit._checks import (
     check_positive,
 )
 from normkit._fused import _view
-from normkit._stats import sync_moments, track_batch_, verify_peers, world_size
+from normkit._stats import Synchronized, sync_moments, track_batch_
 
 __all__ = ["EvoNormB0", "EvoNormS0"]
 
@@ -64,7 +64,7 @@ def _affine_out(layer: Any, y: Tensor, input: Tensor) -> Tensor:
     return y.to(input.dtype)
 
 
-class EvoNormB0(nn.Module):
+class EvoNormB0(Synchronized, nn.Module):
     r"""EvoNorm-B0 (Liu, Brock, Simonyan & Le, NeurIPS 2020, arXiv 2004.02967), a BN-ReLU
     replacement with batch statistics.
 
@@ -136,9 +136,6 @@ class EvoNormB0(nn.Module):
     _ranks: tuple[int, ...] = (4,)
     # Version 2 has num_batches_tracked; version-1 checkpoints (timm's) do not.
     _version = 2
-    #: Batch statistics over every rank of ``process_group`` (see :func:`normkit.convert_sync`).
-    sync = False
-    process_group: Any = None
     v: nn.Parameter
     weight: nn.Parameter | None
     bias: nn.Parameter | None
@@ -215,17 +212,13 @@ class EvoNormB0(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    def _syncing(self) -> bool:
-        return self.sync and self.training and world_size(self.process_group) > 1
-
     def forward(self, input: Tensor) -> Tensor:
         name = type(self).__name__
         check_input(name, input, self._ranks, self.num_features)
         syncing = self._syncing()
         if syncing:
-            # Once per layer: every rank must hold this very layer (see verify_peers).
             fields = {"num_features": self.num_features}
-            verify_peers(self, name, fields, input.device, self.process_group)
+            self._verify_peers(fields, input.device)
         use_batch = self.training or self.running_var is None
         if use_batch and not syncing:
             # Under sync a rank may hold a single value per channel: the global batch decides.

@@ -23,7 +23,12 @@ from normkit._checks import (
     check_momentum,
     check_positive,
 )
-from normkit._stats import _AllReduceSum, _merge_dtype, ema_factor, verify_peers, world_size
+from normkit._stats import (
+    Synchronized,
+    _AllReduceSum,
+    _merge_dtype,
+    ema_factor,
+)
 from normkit.functional import _no_autocast, stats_dtype
 
 __all__ = ["IterNorm1d", "IterNorm2d", "iterative_whitening_matrix"]
@@ -54,11 +59,8 @@ def iterative_whitening_matrix(sigma: Tensor, iterations: int) -> Tensor:
     return p * trace.rsqrt()
 
 
-class _IterNorm(nn.Module):
+class _IterNorm(Synchronized, nn.Module):
     _ranks: tuple[int, ...] = (4,)
-    #: Batch statistics over every rank of ``process_group`` (see :func:`normkit.convert_sync`).
-    sync = False
-    process_group: Any = None
     running_mean: Tensor | None
     running_wm: Tensor | None
     num_batches_tracked: Tensor | None
@@ -172,17 +174,13 @@ class _IterNorm(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    def _syncing(self) -> bool:
-        return self.sync and self.training and world_size(self.process_group) > 1
-
     def forward(self, input: Tensor) -> Tensor:
         name = type(self).__name__
         check_input(name, input, self._ranks, self.num_features)
         syncing = self._syncing()
         if syncing:
-            # Once per layer: every rank must hold this very layer (see verify_peers).
             fields = {"num_features": self.num_features, "group_size": self.group_size}
-            verify_peers(self, name, {**fields, "T": self.T}, input.device, self.process_group)
+            self._verify_peers({**fields, "T": self.T}, input.device)
         if self.training and not syncing:
             check_batch_values(name, input)
         # Autocast would run the matrix products in half precision; the whitening needs float32.

@@ -27,7 +27,12 @@ from normkit._checks import (
     check_momentum,
     check_positive,
 )
-from normkit._stats import _merge_dtype, all_reduce_sum_, ema_factor, verify_peers, world_size
+from normkit._stats import (
+    Synchronized,
+    _merge_dtype,
+    all_reduce_sum_,
+    ema_factor,
+)
 from normkit.layers.weight_std import (
     _check_conv_call,
     _conv_twin,
@@ -237,7 +242,7 @@ class _MABNFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, *([None] * 10)
 
 
-class MovingAverageBatchNorm2d(_BatchNorm):
+class MovingAverageBatchNorm2d(Synchronized, _BatchNorm):
     r"""Moving Average Batch Normalization over a 4D input (MABN; Yan et al., ICLR 2020).
 
     A drop-in for ``nn.BatchNorm2d`` at small per-device batches, meant to follow a
@@ -375,9 +380,6 @@ class MovingAverageBatchNorm2d(_BatchNorm):
     """
 
     _ranks = (4,)
-    #: Statistics over every rank of ``process_group`` (see :func:`normkit.convert_sync`).
-    sync = False
-    process_group: Any = None
     buffer_size: int
     warmup_iters: int
     r_clamp_steps: int
@@ -490,17 +492,13 @@ class MovingAverageBatchNorm2d(_BatchNorm):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    def _syncing(self) -> bool:
-        return self.sync and self.training and world_size(self.process_group) > 1
-
     def forward(self, input: Tensor) -> Tensor:
         name = type(self).__name__
         check_input(name, input, self._ranks, self.num_features)
         syncing = self._syncing()
         if syncing:
-            # Once per layer: every rank must hold this very layer (see verify_peers).
             fields = {"num_features": self.num_features, "buffer_size": self.buffer_size}
-            verify_peers(self, name, fields, input.device, self.process_group)
+            self._verify_peers(fields, input.device)
         if not self.training or (input.numel() == 0 and not syncing):
             return self._eval_forward(input)
         psi2, r, slot, warm, count = self._step(input, syncing, update=not _recomputing())
