@@ -301,6 +301,29 @@ class Synchronized:
         # Once per layer: every rank must hold this very layer (see verify_peers).
         verify_peers(self, type(self).__name__, fields, device, self.process_group)
 
+    def _merge_and_track(
+        self, mean: Tensor, var: Tensor, count: int | Tensor, syncing: bool
+    ) -> tuple[Tensor, Tensor]:
+        """This batch's biased moments, merged over ranks when ``syncing``; in training they
+        also update the layer's ``running_mean``/``running_var`` (where it keeps them) by its
+        ``momentum`` (see :func:`track_batch_`)."""
+        if syncing:
+            mean, var, count = sync_moments(
+                mean, var, count, self.process_group, type(self).__name__
+            )
+        running_mean = getattr(self, "running_mean", None)
+        if self.training and running_mean is not None:
+            track_batch_(
+                running_mean,
+                getattr(self, "running_var"),  # noqa: B009 (declared by the layer, not here)
+                getattr(self, "num_batches_tracked"),  # noqa: B009
+                getattr(self, "momentum"),  # noqa: B009
+                mean,
+                var,
+                count,
+            )
+        return mean, var
+
 
 @torch.no_grad()
 def all_reduce_sum_(t: Tensor, group: Any = None, layer: str = "normkit") -> Tensor:

@@ -31,8 +31,6 @@ from normkit._stats import (
     Synchronized,
     all_reduce_sum_,
     estimate_update_,
-    sync_moments,
-    track_batch_,
 )
 
 __all__ = ["BatchChannelNorm1d", "BatchChannelNorm2d", "BatchChannelNorm3d"]
@@ -226,21 +224,7 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
             return self.running_mean.clone(), self.running_var.clone()
         mean, var = F.merge_sample_moments(m, q)
         count: int | Tensor = x.numel() // x.shape[1]
-        if syncing:
-            name = type(self).__name__
-            mean, var, count = sync_moments(mean, var, count, self.process_group, name)
-        if self.training and self.running_mean is not None:
-            assert self.running_var is not None and self.num_batches_tracked is not None
-            track_batch_(
-                self.running_mean,
-                self.running_var,
-                self.num_batches_tracked,
-                self.momentum,
-                mean,
-                var,
-                count,
-            )
-        return mean, var
+        return self._merge_and_track(mean, var, count, syncing)
 
     @torch.no_grad()
     def _update_estimates(self, m: Tensor, q: Tensor, syncing: bool) -> tuple[Tensor, Tensor]:

@@ -25,7 +25,7 @@ from normkit._checks import (
     check_num_groups,
     check_positive,
 )
-from normkit._stats import Synchronized, sync_moments, track_batch_
+from normkit._stats import Synchronized
 
 __all__ = ["BatchGroupNorm2d"]
 
@@ -165,18 +165,4 @@ class BatchGroupNorm2d(Synchronized, _BatchNorm):
         # (N, C, H, W) -> (N, G, C/G·H·W): each group becomes one "channel" of a batch norm.
         mean, var = F.batch_moments(x.reshape(n, self.num_groups, per_group))
         count: int | Tensor = n * per_group
-        if syncing:
-            name = type(self).__name__
-            mean, var, count = sync_moments(mean, var, count, self.process_group, name)
-        if self.training and self.running_mean is not None:
-            assert self.running_var is not None and self.num_batches_tracked is not None
-            track_batch_(
-                self.running_mean,
-                self.running_var,
-                self.num_batches_tracked,
-                self.momentum,
-                mean,
-                var,
-                count,
-            )
-        return mean, var
+        return self._merge_and_track(mean, var, count, syncing)
