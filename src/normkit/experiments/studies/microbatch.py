@@ -64,10 +64,13 @@ one point, not a failure to find a difference. Both compare the same number of e
 paper does; on these easy 8×8 images a batch-1 run makes 32 times more updates than a batch-32
 run, which favours the small batch.
 
-**Time.** Measured on an idle 2-core machine (``--jobs 2``, one thread per run): ``--quick``
-(2 seeds, batch 1 and 32, 300 images, 1 epoch) takes about 22 s; the default sizes (5 seeds,
-batch 1, 2, 4, 32, 3 epochs, 100 runs) about 400 s (790 s of CPU). BCN runs are the
-costly ones (about 3 times a GN+WS run at batch 1).
+**Time.** With the paper's five methods alone, measured on an idle 2-core machine (``--jobs 2``,
+one thread per run): ``--quick`` (2 seeds, batch 1 and 32, 300 images, 1 epoch) took about 22 s;
+the default sizes (5 seeds, batch 1, 2, 4, 32, 3 epochs, 100 runs) about 400 s (790 s of CPU).
+The ten methods make 200 runs at the default sizes: 2263 s of CPU (1121 s for the five new
+methods) on a machine shared with another study and test jobs, where the five original methods
+took 1142 s against 790 s idle; so about 1600 s of CPU, some 13 minutes of wall time, on the
+idle machine (an estimate). BCN runs are the costly ones (about 3 times a GN+WS run at batch 1).
 """
 
 from __future__ import annotations
