@@ -665,7 +665,7 @@ def test_a_frozen_layer_compiles_without_graph_breaks() -> None:
 
 # --- the related methods as targets (issue 8) -----------------------------------------------------
 
-# target -> (class, kwargs, source keys dropped per layer, fresh keys per layer, same eval function?)
+# target -> (class, kwargs, source keys dropped and fresh keys per layer, same eval function?)
 RELATED_TARGETS: dict[str, tuple[type[nn.Module], dict[str, Any], set[str], set[str], bool]] = {
     "brn": (nk.BatchRenorm2d, {}, set(), set(), True),
     "bnet": (nk.BNET2d, {}, set(), set(), True),
