@@ -484,7 +484,9 @@ def test_group_norm_affine_goes_into_the_shared_or_domain_affines() -> None:
     assert torch.equal(sabn.weight, gn.weight) and torch.equal(sabn.bias, gn.bias)
     report = convert_norm(gn, "ccbn", include_groupnorm=True, num_domains=2)
     assert torch.equal(report.model.domain_weight, gn.weight.detach().expand(2, -1))
-    assert set(report.changes[0].fresh) == {"running_mean", "running_var"}
+    # A group norm has no statistics: they and their batch count start fresh.
+    fresh = {"running_mean", "running_var", "num_batches_tracked"}
+    assert set(report.changes[0].fresh) == fresh
 
 
 def test_a_group_norm_subclass_is_refused_when_group_norms_are_converted() -> None:
@@ -667,17 +669,29 @@ def test_a_frozen_layer_compiles_without_graph_breaks() -> None:
 
 # target -> (class, kwargs, source keys dropped and fresh keys per layer, same eval function?)
 RELATED_TARGETS: dict[str, tuple[type[nn.Module], dict[str, Any], set[str], set[str], bool]] = {
-    "brn": (nk.BatchRenorm2d, {}, set(), set(), True),
+    "brn": (nk.BatchRenorm2d, {}, set(), {"num_batches_tracked"}, True),
     "bnet": (nk.BNET2d, {}, set(), set(), True),
-    "bgn": (nk.BatchGroupNorm2d, {"num_groups": 4}, {"running_mean", "running_var"}, set(), False),
+    "bgn": (
+        nk.BatchGroupNorm2d,
+        {"num_groups": 4},
+        {"running_mean", "running_var"},
+        {"num_batches_tracked"},
+        False,
+    ),
     "mabn": (
         nk.MovingAverageBatchNorm2d,
         {},
         {"running_mean"},
-        {"buffer_x2", "buffer_gz"},
+        {"buffer_x2", "buffer_gz", "num_batches_tracked"},
         False,
     ),
-    "iternorm": (nk.IterNorm2d, {"group_size": 4}, {"running_var"}, {"running_wm"}, False),
+    "iternorm": (
+        nk.IterNorm2d,
+        {"group_size": 4},
+        {"running_var"},
+        {"running_wm", "num_batches_tracked"},
+        False,
+    ),
     "frn": (
         nk.FilterResponseNorm2d,
         {},
@@ -744,3 +758,34 @@ def test_a_treat_as_bn_class_that_is_no_norm_is_still_refused() -> None:
     # Only statistics may be dropped for a shape that does not fit; a weight never is.
     with pytest.raises(ValueError, match="cannot carry the state"):
         convert_norm(nn.Sequential(nn.Conv2d(3, 4, 1)), "bgn", treat_as_bn=(nn.Conv2d,))
+
+
+@pytest.mark.parametrize("target", ["bgn", "iternorm", "mabn", "brn"])
+def test_the_batch_count_restarts_with_fresh_statistics_or_a_schedule(target: str) -> None:
+    # A batch norm's count belongs to the statistics it averaged: carried into fresh statistics
+    # it would freeze a cumulative average (momentum=None), skip MABN's warm-up with empty ring
+    # buffers, or start BRN's schedule past its warm-up.
+    bn = nn.BatchNorm2d(8, momentum=None)
+    bn.num_batches_tracked.fill_(10_000)
+    kwargs = RELATED_TARGETS[target][1]
+    report = convert_norm(bn, target, **kwargs)
+    layer = report.model
+    assert int(layer.num_batches_tracked) == 0
+    assert "num_batches_tracked" in report.changes[0].fresh
+    if target == "brn":
+        r_max, d_max = layer.clip_limits()
+        assert (float(r_max), float(d_max)) == (1.0, 0.0)  # the warm-up: plain BN
+    if target == "bgn":
+        # The cumulative average now tracks the data from the first step.
+        x = 3.0 * torch.randn(16, 8, 4, 4) + 2.0
+        for _ in range(5):
+            layer.train()(x)
+        torch.testing.assert_close(layer.running_mean, torch.full((4,), 2.0), atol=0.3, rtol=0)
+
+
+def test_the_batch_count_is_kept_where_every_statistic_is_carried() -> None:
+    bn = nn.BatchNorm2d(8)
+    bn.num_batches_tracked.fill_(7)
+    for target, kwargs in (("bnet", {}), ("evonorm-b0", {}), ("sabn", {"num_domains": 2})):
+        layer = convert_norm(copy.deepcopy(bn), target, **kwargs).model
+        assert int(layer.num_batches_tracked) == 7, target

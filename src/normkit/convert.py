@@ -67,6 +67,9 @@ class _Family:
     name: str
     classes: dict[int, type[nn.Module]]
     defaults: dict[str, Any]
+    #: Start the target's step counter at 0: a batch norm's batch count is not its step (BRN's
+    #: warm-up schedule reads it).
+    restart_count: bool = False
 
 
 def _groups_of_32(num_features: int) -> int:
@@ -114,6 +117,7 @@ def _families() -> dict[str, _Family]:
             "brn",
             dims(renorm.BatchRenorm1d, renorm.BatchRenorm2d, renorm.BatchRenorm3d),
             {},
+            restart_count=True,
         ),
         _Family("bgn", dims(None, batch_group.BatchGroupNorm2d), {"num_groups": _groups_of_32}),
         # MABN's momentum is the official one, not the batch norm's (see its docstring).
@@ -309,7 +313,8 @@ def convert_norm(
     ``frozenbn``    statistics and affine, all as buffers (:class:`normkit.FrozenBatchNorm2d`,
                     2d only): the eval-mode function, frozen for good
     ``brn``         statistics and affine (:class:`normkit.BatchRenorm2d`): the same eval
-                    function; training starts the renormalization schedule at step 0
+                    function; the step counter restarts at 0, so training starts with the
+                    warm-up of the renormalization schedule
     ``bnet``        statistics; the affine becomes the centre tap and bias of the depthwise
                     kernel (:class:`normkit.BNET2d`, 2d): the same function
     ``bgn``         the affine; the per-channel statistics are dropped (BGN keeps one per group;
@@ -321,6 +326,10 @@ def convert_norm(
     ``evonorm-b0``  the running variance and the affine
     ``evonorm-s0``  the affine (no statistics; groups as for ``bgn``)
     ==============  ============================================================================
+
+    Where a running statistic starts fresh or is dropped (``bgn``, ``mabn``'s ring buffers,
+    ``iternorm``'s whitening matrices, a group norm target), ``num_batches_tracked`` restarts at 0
+    too and is reported as fresh: the count belongs to the statistics it averaged.
 
     ``to`` is one of these names, case- and separator-insensitive (``"SaBN_split"``), or a
     class of one of these families (``normkit.SandwichBatchNorm2d``). Either way it names a
@@ -658,6 +667,16 @@ def _build(
                 f"{where}: cannot carry the state of {label} into {cls.__name__}: {e}"
             ) from e
     fresh = tuple(k for k in result.missing_keys if k not in unfit)
+    # The batch count belongs to the statistics it averaged: where a running statistic starts
+    # fresh (or was dropped for its shape), or the target counts steps of its own, it restarts
+    # at 0, so that a cumulative average (momentum=None) or a warm-up reads the new state's age.
+    float_buffers = {k for k, b in new.named_buffers() if b.is_floating_point()}
+    restarted = family.restart_count or any(k in float_buffers for k in (*fresh, *unfit))
+    count = getattr(new, "num_batches_tracked", None)
+    if restarted and isinstance(count, Tensor) and "num_batches_tracked" not in fresh:
+        with torch.no_grad():
+            count.zero_()
+        fresh += ("num_batches_tracked",)
 
     frozen = [n for n, p in source.named_parameters(recurse=False) if not p.requires_grad]
     if pin_shift:
