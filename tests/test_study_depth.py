@@ -186,17 +186,15 @@ def test_nf_blocks_grow_the_stream_variance_as_tracked() -> None:
 
 
 def test_nf_agc_run_clips_every_gradient_but_the_heads(monkeypatch: pytest.MonkeyPatch) -> None:
-    import normkit
-
     seen: list[int] = []
-    real = normkit.adaptive_grad_clip_
+    real = depth.adaptive_grad_clip_
 
     def spy(params, clip_factor=0.01, eps=1e-3):  # type: ignore[no-untyped-def]
         params = list(params)
         seen.append(len(params))
         return real(params, clip_factor=clip_factor, eps=eps)
 
-    monkeypatch.setattr(normkit, "adaptive_grad_clip_", spy)
+    monkeypatch.setattr(depth, "adaptive_grad_clip_", spy)
     cfg = STUDY.config(quick=True, overrides=TINY)
     STUDY.run(Run("nf-agc", "L3", 0), cfg, _noop)
     model = depth.ResidualMLP("nf-agc", 3, width=16)

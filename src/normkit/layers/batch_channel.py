@@ -25,6 +25,7 @@ from normkit._checks import (
     check_flags,
     check_input,
     check_momentum,
+    check_num_groups,
     check_positive,
 )
 from normkit._stats import (
@@ -67,12 +68,7 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
     ) -> None:
         name = type(self).__name__
         check_count(name, "num_features", num_features)
-        check_count(name, "num_groups", num_groups)
-        if num_features % num_groups != 0:
-            raise ValueError(
-                f"{name}: expected num_groups to divide num_features={num_features}, got "
-                f"num_groups={num_groups}"
-            )
+        check_num_groups(name, num_features, num_groups)
         check_positive(name, "eps", eps)
         check_momentum(name, momentum)
         if isinstance(estimate_rate, bool) or not isinstance(estimate_rate, (int, float)):

@@ -21,6 +21,7 @@ from normkit._checks import (
     check_flags,
     check_input,
     check_momentum,
+    check_num_groups,
     check_positive,
 )
 from normkit._fused import _view
@@ -327,12 +328,7 @@ class EvoNormS0(nn.Module):
         super().__init__()
         name = type(self).__name__
         _check_common(name, num_features, eps, affine, dtype)
-        check_count(name, "num_groups", num_groups)
-        if num_features % num_groups != 0:
-            raise ValueError(
-                f"{name}: expected num_groups to divide num_features={num_features}, got "
-                f"num_groups={num_groups}"
-            )
+        check_num_groups(name, num_features, num_groups)
         self.num_features = num_features
         self.eps = eps
         self.affine = bool(affine)

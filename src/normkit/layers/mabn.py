@@ -375,7 +375,7 @@ class MovingAverageBatchNorm2d(Synchronized, _BatchNorm):
     paper's algorithm listing itself was not compared line by line. Deviations from the official
     code: ``momentum`` follows PyTorch (0.02 is the official 0.98); ``r_clamp_steps``, ``r_min``
     and ``r_max`` are options (defaults official); ``buffer_size`` replaces ``B``/``real_B``;
-    non-finite statistics are not stored; the step never leaves the device (no ``.item()``);
+    non-finite statistics are not stored; the step never leaves the device (no host read);
     ``affine=False`` and ``momentum=None`` exist; the official layer has neither.
     """
 

@@ -117,7 +117,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normkit import Bias, Scale, fixup_init_, fixup_param_groups
+from normkit import (
+    Bias,
+    ResidualGate,
+    Scale,
+    ScaledWSConv2d,
+    adaptive_grad_clip_,
+    fixup_init_,
+    fixup_param_groups,
+)
 from normkit.experiments.study import Claim, Metrics, Progress, Run, Study
 
 __all__ = ["METHODS", "STUDY", "DepthStudy", "ResidualMLP", "scalar_lr_mult", "setting_name"]
@@ -222,8 +230,6 @@ class _GatedBlock(nn.Module):
     """SkipInit / ReZero: a plain branch behind a zero-initialised scalar gate."""
 
     def __init__(self, width: int) -> None:
-        from normkit import ResidualGate
-
         super().__init__()
         self.fc1 = nn.Linear(width, width)
         self.fc2 = nn.Linear(width, width)
@@ -237,8 +243,6 @@ class _NFBlock(nn.Module):
     """A normalizer-free block: ``x + alpha * f(x / beta)`` with scaled-WS linear layers."""
 
     def __init__(self, width: int, alpha: float, beta: float) -> None:
-        from normkit import ScaledWSConv2d
-
         super().__init__()
         # 1x1 convolutions on (N, width, 1, 1): linear layers with scaled weight standardization.
         self.fc1 = ScaledWSConv2d(width, width, 1, gamma=RELU_GAIN)
@@ -439,8 +443,6 @@ class DepthStudy(Study):
 
     def run(self, run: Run, config: Mapping[str, Any], progress: Progress) -> Metrics:
         """Train one arm at one depth for the fixed budget; see the module docstring."""
-        from normkit import adaptive_grad_clip_
-
         depth = _depth_of(run.setting)
         device = torch.device(config.get("device", "cpu"))
         x_tr, y_tr, x_te, y_te = _digits()

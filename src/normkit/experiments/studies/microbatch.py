@@ -83,7 +83,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from normkit.experiments.study import Claim, ConfigError, Metrics, Progress, Run, Study
+from normkit.experiments.study import (
+    Claim,
+    ConfigError,
+    Metrics,
+    Progress,
+    Run,
+    Study,
+    check_ints,
+    check_numbers,
+)
 
 MICRO = "BCN+WS-micro"
 RELATED = ("BRN", "MABN", "BGN", "FRN", "EvoNorm-S0")
@@ -235,18 +244,6 @@ def epochs_for(config: Mapping[str, Any], n_train: int, batch_size: int) -> int:
     return max(int(config["epochs"]), needed)
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"--{name.replace('_', '-')}: expected a positive integer, got {value!r}")
-    return value
-
-
-def _positive_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"--{name.replace('_', '-')}: expected a positive number, got {value!r}")
-    return float(value)
-
-
 @dataclass
 class MicrobatchStudy(Study):
     name: str = "microbatch"
@@ -276,28 +273,17 @@ class MicrobatchStudy(Study):
         sizes = config["batch_sizes"]
         if not isinstance(sizes, list) or not sizes:
             raise ConfigError("--batch-sizes: expected a comma-separated list of batch sizes")
-        config["batch_sizes"] = sorted({_positive_int("batch_sizes", b) for b in sizes})
-        for key in (
-            "epochs",
-            "train_size",
-            "base_batch",
-            "lr_min_batch",
-            "groups",
-            "mabn_batch",
-            "seeds",
-        ):
-            config[key] = _positive_int(key, config[key])
+        for b in sizes:
+            check_ints(self.name, {"batch_sizes": b}, ["batch_sizes"])
+        config["batch_sizes"] = sorted(set(sizes))
+        ints = ["epochs", "train_size", "base_batch", "lr_min_batch", "groups", "mabn_batch"]
+        check_ints(self.name, config, [*ints, "seeds"])
         if isinstance(config["min_steps"], bool) or not isinstance(config["min_steps"], int):
             raise ConfigError("--min-steps: expected an integer")
-        for key in ("base_lr", "estimate_rate"):
-            config[key] = _positive_float(key, config[key])
+        check_numbers(self.name, config, ["base_lr", "estimate_rate"], strict=True)
         if config["estimate_rate"] > 1:
             raise ConfigError("--estimate-rate: expected a rate in (0, 1]")
-        for key in ("momentum", "weight_decay", "margin"):
-            value = config[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"--{key.replace('_', '-')}: expected a number >= 0")
-            config[key] = float(value)
+        check_numbers(self.name, config, ["momentum", "weight_decay", "margin"])
         if 16 % config["groups"] or 32 % config["groups"]:
             raise ConfigError("--groups: expected a divisor of 16 (the narrowest layer)")
         # A batch the training set cannot fill once would train on nothing (last batch dropped).
