@@ -42,7 +42,7 @@ def unbiased_factor(count: int | Tensor) -> float | Tensor:
 
 @torch.no_grad()
 def update_running_(
-    running_mean: Tensor,
+    running_mean: Tensor | None,
     running_var: Tensor,
     mean: Tensor,
     var_unbiased: Tensor,
@@ -57,23 +57,23 @@ def update_running_(
     Non-finite statistics (from NaN or Inf in the input) are never written: a channel whose
     batch mean or variance is not finite keeps its running values. Checking costs no host sync,
     so forward stays compile-friendly; the non-finite output itself still shows the problem.
+    ``running_mean`` None: a layer that keeps only a running variance (EvoNorm-B0).
     """
     if isinstance(factor, Tensor):
-        factor = factor.to(running_mean.dtype)
+        factor = factor.to(running_var.dtype)
     mean, var_unbiased = mean.detach(), var_unbiased.detach()
     finite = torch.isfinite(mean) & torch.isfinite(var_unbiased)
     mask = finite if mask is None else mask & finite
-    new_mean = torch.lerp(running_mean, mean.to(running_mean.dtype), factor)
+    if running_mean is not None:
+        new_mean = torch.lerp(running_mean, mean.to(running_mean.dtype), factor)
+        running_mean.copy_(torch.where(mask, new_mean, running_mean))
     new_var = torch.lerp(running_var, var_unbiased.to(running_var.dtype), factor)
-    new_mean = torch.where(mask, new_mean, running_mean)
-    new_var = torch.where(mask, new_var, running_var)
-    running_mean.copy_(new_mean)
-    running_var.copy_(new_var)
+    running_var.copy_(torch.where(mask, new_var, running_var))
 
 
 @torch.no_grad()
 def track_batch_(
-    running_mean: Tensor,
+    running_mean: Tensor | None,
     running_var: Tensor,
     num_batches_tracked: Tensor,
     momentum: float | None,
@@ -93,12 +93,12 @@ def track_batch_(
         if count <= 1:
             return
         num_batches_tracked.add_(1)
-        factor = ema_factor(momentum, num_batches_tracked, running_mean.dtype)
+        factor = ema_factor(momentum, num_batches_tracked, running_var.dtype)
         update_running_(running_mean, running_var, mean, var * unbiased_factor(count), factor)
         return
     present = count > 1
     num_batches_tracked.add_(present.to(num_batches_tracked.dtype))
-    factor = ema_factor(momentum, num_batches_tracked, running_mean.dtype)
+    factor = ema_factor(momentum, num_batches_tracked, running_var.dtype)
     correction = unbiased_factor(count)
     assert isinstance(correction, Tensor)
     if present.dim() > 0:  # one row per domain: broadcast over channels
@@ -305,17 +305,17 @@ class Synchronized:
         self, mean: Tensor, var: Tensor, count: int | Tensor, syncing: bool
     ) -> tuple[Tensor, Tensor]:
         """This batch's biased moments, merged over ranks when ``syncing``; in training they
-        also update the layer's ``running_mean``/``running_var`` (where it keeps them) by its
-        ``momentum`` (see :func:`track_batch_`)."""
+        also update the layer's ``running_var`` and ``running_mean`` (where it keeps them) by
+        its ``momentum`` (see :func:`track_batch_`)."""
         if syncing:
             mean, var, count = sync_moments(
                 mean, var, count, self.process_group, type(self).__name__
             )
-        running_mean = getattr(self, "running_mean", None)
-        if self.training and running_mean is not None:
+        running_var = getattr(self, "running_var", None)
+        if self.training and running_var is not None:
             track_batch_(
-                running_mean,
-                getattr(self, "running_var"),  # noqa: B009 (declared by the layer, not here)
+                getattr(self, "running_mean", None),
+                running_var,
                 getattr(self, "num_batches_tracked"),  # noqa: B009
                 getattr(self, "momentum"),  # noqa: B009
                 mean,

@@ -25,7 +25,7 @@ from normkit._checks import (
     check_positive,
 )
 from normkit._fused import _view
-from normkit._stats import Synchronized, sync_moments, track_batch_
+from normkit._stats import Synchronized
 
 __all__ = ["EvoNormB0", "EvoNormS0"]
 
@@ -241,25 +241,9 @@ class EvoNormB0(Synchronized, nn.Module):
             # A copy: a later training forward updates the buffer in place.
             return self.running_var.to(m.dtype, copy=True)
         mean, var = F.merge_sample_moments(m, q)
-        count: int | Tensor = x.numel() // x.shape[1]
-        if syncing:
-            name = type(self).__name__
-            mean, var, count = sync_moments(mean, var, count, self.process_group, name)
-        if self.training and self.running_var is not None:
-            assert self.num_batches_tracked is not None
-            # track_batch_ keeps BN's conventions (skips, cumulative factor, Bessel correction,
-            # non-finite guard) for a mean and a variance; B0 has no running mean, so a scratch
-            # tensor takes that half of the update.
-            track_batch_(
-                torch.zeros_like(self.running_var),
-                self.running_var,
-                self.num_batches_tracked,
-                self.momentum,
-                mean,
-                var,
-                count,
-            )
-        return var
+        # BN's conventions (skips, cumulative factor, Bessel correction, non-finite guard);
+        # B0 keeps no running mean.
+        return self._merge_and_track(mean, var, x.numel() // x.shape[1], syncing)[1]
 
 
 class EvoNormS0(nn.Module):
