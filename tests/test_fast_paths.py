@@ -105,9 +105,10 @@ def test_fast_path_equals_reference_channels_last(
 
 
 def test_the_fast_path_is_taken_exactly_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Large contiguous inputs and per-sample split statistics take the moment-based function;
-    small or other layouts (channels_last, (N, C)) ATen's batch norm; eval and ``fast = False``
-    neither."""
+    """Contiguous inputs of any size take the closed-form moment-based function; other layouts
+    (channels_last, (N, C)) ATen's batch norm, except per-sample split statistics, which take
+    the generic moment-based function when large and the reference path when small; eval and
+    ``fast = False`` none of them."""
     calls: list[str] = []
 
     def counting(name: str) -> Any:
@@ -119,27 +120,31 @@ def test_the_fast_path_is_taken_exactly_where_it_applies(monkeypatch: pytest.Mon
 
         return wrapper
 
-    for name in ("batch_norm_train", "moment_scale_shift"):
+    for name in ("batch_norm_train", "moment_scale_shift", "norm_affine"):
         monkeypatch.setattr(f"normkit.layers.core.{name}", counting(name))
     monkeypatch.setattr(_fused, "MOMENT_PATH_MIN_NUMEL", 6 * 4 * 3 * 3)
-    small = torch.randn(6, 4, 3, 2)  # below the threshold: ATen's batch norm or the reference
+    small = torch.randn(6, 4, 3, 2)  # below the threshold
     x = torch.randn(6, 4, 3, 3)
     x_cl = x.contiguous(memory_format=torch.channels_last)
+    small_cl = small.contiguous(memory_format=torch.channels_last)
     per_sample = torch.tensor([0, 1, 2, 0, 1, 2])
     off = nk.SandwichBatchNorm2d(4, 3, split_stats=True)
     off.fast = False
-    moments, aten = ["moment_scale_shift"], ["batch_norm_train"]
+    closed, moments, aten = ["norm_affine"], ["moment_scale_shift"], ["batch_norm_train"]
+    split = {"split_stats": True}
     cases = [
-        (nk.SandwichBatchNorm2d(4, 3), x, per_sample, moments),
+        (nk.SandwichBatchNorm2d(4, 3), x, per_sample, closed),
+        (nk.SandwichBatchNorm2d(4, 3), small, per_sample, closed),
         (nk.SandwichBatchNorm2d(4, 3), x_cl, per_sample, aten),
-        (nk.SandwichBatchNorm2d(4, 3), x, 1, moments),
-        (nk.SandwichBatchNorm2d(4, 3), small, 1, aten),
-        (nk.SandwichBatchNorm2d(4, 3, split_stats=True), small, per_sample, []),
+        (nk.SandwichBatchNorm2d(4, 3), x, 1, closed),
+        (nk.SandwichBatchNorm2d(4, 3), small, 1, closed),
         (nk.SandwichBatchNorm2d(4, 3), x_cl, 1, aten),
-        (nk.SandwichBatchNorm2d(4, 3, split_stats=True), x, 1, moments),
-        (nk.SandwichBatchNorm2d(4, 3, split_stats=True), x_cl, 1, aten),
-        (nk.SandwichBatchNorm2d(4, 3, split_stats=True), x, per_sample, moments),
-        (nk.SandwichBatchNorm2d(4, 3, split_stats=True), x_cl, per_sample, moments),
+        (nk.SandwichBatchNorm2d(4, 3, **split), small, per_sample, closed),
+        (nk.SandwichBatchNorm2d(4, 3, **split), small_cl, per_sample, []),
+        (nk.SandwichBatchNorm2d(4, 3, **split), x, 1, closed),
+        (nk.SandwichBatchNorm2d(4, 3, **split), x_cl, 1, aten),
+        (nk.SandwichBatchNorm2d(4, 3, **split), x, per_sample, closed),
+        (nk.SandwichBatchNorm2d(4, 3, **split), x_cl, per_sample, moments),
         (nk.SandwichBatchNorm1d(4, 3), x[:, :, 0, 0], per_sample, aten),
         (nk.SandwichBatchNorm2d(4, 3).eval(), x, per_sample, []),
         (off, x, per_sample, []),
@@ -228,3 +233,120 @@ def test_half_input_keeps_its_dtype_and_gives_float32_statistics(
     torch.testing.assert_close(mean, mean32, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(var, var32, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y.float(), y32, rtol=2e-2, atol=2e-2)
+
+
+def _group_reference(
+    x: Tensor, w: Tensor | None, b: Tensor | None, groups: Tensor | None, k: int, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Batch normalization over the whole batch, or over the samples of each group, written
+    out sample by sample; then the affine. Returns ``(y, mean, var)`` with per-group rows."""
+    dims = [0, *range(2, x.dim())]
+    if groups is None:
+        mean = x.mean(dims)
+        var = ((x - _bcast(mean, x)) ** 2).mean(dims)
+        mean_n, var_n = mean.expand(x.shape[0], -1), var.expand(x.shape[0], -1)
+    else:
+        means, variances = [], []
+        for j in range(k):
+            xs = x[groups == j]
+            if xs.shape[0] == 0:
+                means.append(torch.zeros(x.shape[1], dtype=x.dtype))
+                variances.append(torch.zeros(x.shape[1], dtype=x.dtype))
+                continue
+            mu = xs.mean(dims)
+            means.append(mu)
+            variances.append(((xs - _bcast(mu, xs)) ** 2).mean(dims))
+        mean, var = torch.stack(means), torch.stack(variances)
+        mean_n, var_n = mean[groups], var[groups]
+    y = (x - _bcast(mean_n, x)) / torch.sqrt(_bcast(var_n, x) + eps)
+    if w is not None and b is not None:
+        y = _bcast(w, x) * y + _bcast(b, x)
+    return y, mean, var
+
+
+def _bcast(t: Tensor, x: Tensor) -> Tensor:
+    shape = [t.shape[0] if t.dim() == 2 else 1, x.shape[1]] + [1] * (x.dim() - 2)
+    return t.reshape(shape)
+
+
+AFFINES = ["none", "per-channel", "per-sample"]
+
+
+def _affine(kind: str, n: int, c: int, g: torch.Generator) -> tuple[Tensor | None, ...]:
+    if kind == "none":
+        return None, None
+    shape = (c,) if kind == "per-channel" else (n, c)
+    return (torch.randn(shape, generator=g, dtype=F64), torch.randn(shape, generator=g, dtype=F64))
+
+
+@pytest.mark.parametrize("affine", AFFINES)
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("shape", [(6, 3, 4, 2), (5, 2, 7), (4, 3, 2, 2, 3)])
+def test_norm_affine_matches_the_formula(
+    shape: tuple[int, ...], grouped: bool, affine: str
+) -> None:
+    g = torch.Generator().manual_seed(4)
+    # A mean far from zero: the shifted sums must keep the variance exact.
+    x = torch.randn(shape, generator=g, dtype=F64) * 3 + 50
+    n, c = shape[0], shape[1]
+    groups = torch.tensor([0, 2, 0, 2, 2, 0][:n]) if grouped else None  # group 1 absent
+    w, b = _affine(affine, n, c, g)
+    y, mean, var, count = _fused.norm_affine(x, w, b, 1e-5, groups, 3)
+    want_y, want_mean, want_var = _group_reference(x, w, b, groups, 3, 1e-5)
+    torch.testing.assert_close(y, want_y, **TOL)
+    torch.testing.assert_close(mean, want_mean, **TOL)
+    torch.testing.assert_close(var, want_var, **TOL)
+    if grouped:
+        assert groups is not None
+        torch.testing.assert_close(count, torch.bincount(groups, minlength=3).to(F64))
+    assert not (mean.requires_grad or var.requires_grad or count.requires_grad)
+
+
+@pytest.mark.parametrize("affine", AFFINES)
+@pytest.mark.parametrize("grouped", [False, True])
+def test_norm_affine_gradients_equal_autograd_of_the_formula(grouped: bool, affine: str) -> None:
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(6, 3, 4, 3, generator=g, dtype=F64) * 2 + 1
+    groups = torch.tensor([0, 1, 0, 1, 1, 0]) if grouped else None
+    w0, b0 = _affine(affine, 6, 3, g)
+    up = torch.randn(x0.shape, generator=g, dtype=F64)
+    results = []
+    for fn in (lambda *a: _fused.norm_affine(*a, 1e-3, groups, 2)[0],
+               lambda *a: _group_reference(*a, groups, 2, 1e-3)[0]):  # fmt: skip
+        leaves = [t.clone().requires_grad_(True) if t is not None else None for t in (x0, w0, b0)]
+        y = fn(*leaves)
+        results.append(torch.autograd.grad(y, [t for t in leaves if t is not None], up))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_norm_affine_gradcheck_and_gradgradcheck(grouped: bool) -> None:
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(4, 3, 2, 3, generator=g, dtype=F64) * 2).requires_grad_(True)
+    w = torch.randn(4, 3, generator=g, dtype=F64).requires_grad_(True)
+    b = torch.randn(4, 3, generator=g, dtype=F64).requires_grad_(True)
+    groups = torch.tensor([1, 0, 1, 0]) if grouped else None
+
+    def f(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        return _fused.norm_affine(x, w, b, 1e-3, groups, 2)[0]
+
+    assert gradcheck(f, (x, w, b))
+    assert gradgradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_norm_affine_half_input_keeps_its_dtype_with_float32_statistics(
+    dtype: torch.dtype,
+) -> None:
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(6, 4, 5, 5, generator=g) * 2 + 1).to(dtype)
+    w, b = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    y, mean, var, _ = _fused.norm_affine(x, w, b, 1e-5)
+    assert y.dtype == dtype and mean.dtype == torch.float32 and var.dtype == torch.float32
+    want_y, want_mean, want_var = _group_reference(
+        x.double(), w.double(), b.double(), None, 1, 1e-5
+    )
+    torch.testing.assert_close(mean, want_mean.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var, want_var.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.float(), want_y.float(), rtol=2e-2, atol=5e-2)

@@ -50,9 +50,11 @@ under autograd) cost more than the passes it saves. Chosen from 1- and 2-thread 
 
 
 def _view(t: Tensor, x: Tensor) -> Tensor:
-    """A ``(C,)`` or ``(N, C)`` tensor viewed to broadcast against ``x`` of shape (N, C, ...)."""
+    """A ``(C,)`` or ``(N, C)`` tensor viewed to broadcast against ``x`` of shape (N, C, ...),
+    in ``x``'s dtype (a cast only where needed: even a no-op cast is an operator call)."""
     shape = [t.shape[0] if t.dim() == 2 else 1, x.shape[1]] + [1] * (x.dim() - 2)
-    return t.reshape(shape)
+    t = t.reshape(shape)
+    return t if t.dtype == x.dtype else t.to(x.dtype)
 
 
 def _var(invstd: Tensor, eps: float) -> Tensor:
@@ -89,42 +91,29 @@ def batch_norm_train(
     return y, mean, _var(invstd, eps)
 
 
-def _reference(x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
-    """The same function through autograd (for double backward)."""
-    dims = [0, *range(2, x.dim())]
-    xf = x.to(w.dtype)
-    var, mean = torch.var_mean(xf, dim=dims, correction=0)
-    scale = w * torch.rsqrt(var + eps)
-    shift = b - mean * scale
-    return torch.addcmul(_view(shift, x), xf, _view(scale, x)).to(x.dtype)
-
-
 class _AffineBatchNorm(torch.autograd.Function):
-    """``y = w[n, c] · x̂ + b[n, c]``, with ``x̂`` batch-normalized per channel.
+    """``y = w[n, c] · x̂ + b[n, c]``, with ``x̂`` batch-normalized per channel by ATen's batch
+    norm (layouts other than contiguous NCHW); backward: :func:`_affine_norm_backward`.
 
-    Backward, with ``g`` the output gradient, ``M = N·S`` and per-(n, c) sums over the spatial
-    positions ``A = Σ_s g`` and ``B = Σ_s g · x̂``:
-
-    ``∂w = B``, ``∂b = A``, and ``∂x = invstd · (w g − Σ_n wA / M − x̂ · Σ_n wB / M)``, which is
-    ``α[n, c] · g + β[c] · x + γ[c]``: two passes over the activation.
+    Autograd functions here use the ``forward(ctx, ...)`` form: with a separate
+    ``setup_context``, every ``apply`` binds its arguments through ``inspect.signature``, which
+    costs tens of microseconds per call (these functions never run under ``torch.func``
+    transforms, see :func:`fast_paths_apply`).
     """
 
     @staticmethod
-    def forward(x: Tensor, w: Tensor, b: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        ctx: Any, x: Tensor, w: Tensor, b: Tensor, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
         ones = torch.ones(x.shape[1], dtype=w.dtype, device=x.device)
         y, mean, invstd = torch.native_batch_norm(
             x, ones, torch.zeros_like(ones), None, None, True, 0.0, eps
         )
-        torch.addcmul(_view(b, x).to(y.dtype), y, _view(w, x).to(y.dtype), out=y)
-        return y, mean, invstd
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
-        x, w, b, eps = inputs
-        _, mean, invstd = output
+        y.mul_(_view(w, x)).add_(_view(b, x))
         ctx.save_for_backward(x, w, b, mean, invstd)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, invstd)
+        return y, mean, invstd
 
     @staticmethod
     def backward(
@@ -134,46 +123,206 @@ class _AffineBatchNorm(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True: differentiate the reference form, so that second derivatives
             # see the statistics as functions of x.
-            wanted = [t for t, need in zip((x, w, b), ctx.needs_input_grad[:3]) if need]
-            with torch.enable_grad():
-                grads = iter(
-                    torch.autograd.grad(_reference(x, w, b, ctx.eps), wanted, gy, create_graph=True)
-                )
-            out = [next(grads) if need else None for need in ctx.needs_input_grad[:3]]
-            return out[0], out[1], out[2], None
-        n, c = x.shape[0], x.shape[1]
-        s = x.numel() // (n * c)
-        a, p = _sums(gy, x, mean.expand(n, c))
-        bb = invstd * (p - mean * a)
-        m = n * s
-        sa = (w * a).sum(0)
-        sb = (w * bb).sum(0)
-        beta = -invstd.square() * sb / m
-        gamma = -invstd * sa / m - mean * beta
-        alpha = invstd * w
-        dx = scale_shift(x, beta, gamma).addcmul_(gy, _view(alpha, x).to(x.dtype))
-        return dx, bb, a, None
+            dx, dw, db = _reference_grads(ctx, x, w, b, None, 1, ctx.eps, gy)
+        else:
+            dx, dw, db = _affine_norm_backward(ctx, gy, x, w, mean, invstd, None, None)
+        return dx, dw, db, None
+
+
+def _reference(
+    x: Tensor, w: Tensor | None, b: Tensor | None, groups: Tensor | None, k: int, eps: float
+) -> Tensor:
+    """Batch normalization (over the whole batch, or over each group of samples) then the
+    affine, through autograd: the form second derivatives are taken of."""
+    pdtype = F.stats_dtype(x.dtype)
+    if groups is None:
+        var, mean = torch.var_mean(x.to(pdtype), dim=[0, *range(2, x.dim())], correction=0)
+    else:
+        m, q = F.sample_moments(x)
+        gmean, gvar, _ = F.domain_moments(m, q, groups, k)
+        mean, var = gmean.index_select(0, groups), gvar.index_select(0, groups)
+    scale = torch.rsqrt(var + eps)
+    shift = -mean * scale
+    if w is not None and b is not None:
+        scale, shift = scale * w, shift * w + b
+    scale, shift = torch.broadcast_tensors(scale, shift)
+    return F.apply_scale_shift(x, scale, shift)
+
+
+def _reference_grads(
+    ctx: Any,
+    x: Tensor,
+    w: Tensor | None,
+    b: Tensor | None,
+    groups: Tensor | None,
+    k: int,
+    eps: float,
+    gy: Tensor,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of :func:`_reference` with ``create_graph=True`` (double backward)."""
+    needs = ctx.needs_input_grad[:3]
+    wanted = [t for t, need in zip((x, w, b), needs) if need and t is not None]
+    with torch.enable_grad():
+        y = _reference(x, w, b, groups, k, eps)
+        grads = iter(torch.autograd.grad(y, wanted, gy, create_graph=True))
+    dx, dw, db = (next(grads) if need and t is not None else None
+                  for t, need in zip((x, w, b), needs))  # fmt: skip
+    return dx, dw, db
+
+
+def _affine_norm_backward(
+    ctx: Any,
+    gy: Tensor,
+    x: Tensor,
+    w: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    groups: Tensor | None,
+    count: Tensor | None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Closed-form backward of ``y = w · (x − μ) · invstd + b`` with batch statistics.
+
+    ``w`` is None, ``(C,)`` or ``(N, C)``; ``mean`` and ``invstd`` are ``(C,)`` (statistics of
+    the whole batch, ``groups`` None) or ``(N, C)``, each sample's group's (``groups`` the
+    ``(N,)`` group of each sample, ``count`` the ``(K,)`` samples per group). With ``g`` the
+    output gradient, per-(n, c) sums over the spatial positions ``A = Σ_s g`` and
+    ``B = Σ_s g · x̂``, and ``Σ_G`` the sum over the samples of a group of ``M`` values:
+
+    ``∂w = B``, ``∂b = A``, ``∂x = invstd · (w g − Σ_G wA / M − x̂ · Σ_G wB / M)``, which is
+    ``α[n, c] · g + β · x + γ``: one fused reduction and two passes over the activation.
+    Written for few operator calls: at small sizes each call costs more than its arithmetic.
+    """
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // (n * c)
+    needs = ctx.needs_input_grad
+    a, pc = _centred_sums(gy, x, mean)
+    bb = pc * invstd  # Σ_s g · x̂
+    per_channel = w is not None and w.dim() == 1
+    dw = (bb.sum(0) if per_channel else bb) if needs[1] else None
+    db = (a.sum(0) if per_channel else a) if needs[2] else None
+    if not needs[0]:
+        return None, dw, db
+    wa, wb = (a, bb) if w is None else (a * w, bb * w)
+    if groups is None:
+        sa, sb = wa.sum(0), wb.sum(0)
+        inv_m: float | Tensor = -1.0 / (n * s)
+    else:
+        assert count is not None
+        k = count.shape[0]
+        zeros = wa.new_zeros(k, c)
+        sa = zeros.index_add(0, groups, wa).index_select(0, groups)
+        sb = zeros.index_add_(0, groups, wb).index_select(0, groups)
+        inv_m = (count * -s).reciprocal_().index_select(0, groups).unsqueeze(1)
+    beta = invstd.square().mul_(sb).mul_(inv_m)
+    gamma = (invstd * sa).mul_(inv_m).sub_(mean * beta)
+    alpha = invstd if w is None else invstd * w
+    dx = (gy * _view(alpha, x)).addcmul_(x, _view(beta, x))
+    return dx.add_(_view(gamma, x)), dw, db
+
+
+def _shift(mean: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """``bias − mean · scale`` (``−mean · scale`` without a bias), in one operator call."""
+    if bias is None:
+        return (mean * scale).neg_()
+    return torch.addcmul(bias, mean, scale, value=-1)
+
+
+class _NormAffine(torch.autograd.Function):
+    """Batch normalization and a ``(C,)`` or ``(N, C)`` affine of a contiguous ``(N, C, *S)``
+    input, statistics from per-(sample, channel) shifted sums (as :func:`sample_moments`) over
+    the whole batch or over each group of samples; one pass to apply (:func:`scale_shift`);
+    backward :func:`_affine_norm_backward`."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        w: Tensor | None,
+        b: Tensor | None,
+        groups: Tensor | None,
+        k: int,
+        eps: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        m, q = sample_moments(x)
+        if groups is None:
+            mean = m.mean(0)
+            var = (m - mean).square_().add_(q).mean(0)
+            count = mean.new_ones(())
+            mean_n, var_n = mean, var
+        else:
+            mean, var, count = F.domain_moments(m, q, groups, k)
+            mean_n, var_n = mean.index_select(0, groups), var.index_select(0, groups)
+        invstd = (var_n + eps).rsqrt_()
+        scale = invstd if w is None else invstd * w
+        shift = _shift(mean_n, scale, b)
+        y = scale_shift(x, scale, shift)
+        ctx.save_for_backward(x, w, b, groups, mean_n, invstd, count)
+        ctx.k, ctx.eps = k, eps
+        ctx.mark_non_differentiable(mean, var, count)
+        return y, mean, var, count
+
+    @staticmethod
+    def backward(
+        ctx: Any, gy: Tensor, *_: Any
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
+        x, w, b, groups, mean_n, invstd, count = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            dx, dw, db = _reference_grads(ctx, x, w, b, groups, ctx.k, ctx.eps, gy)
+        else:
+            cnt = None if groups is None else count
+            dx, dw, db = _affine_norm_backward(ctx, gy, x, w, mean_n, invstd, groups, cnt)
+        return dx, dw, db, None, None, None
+
+
+def norm_affine(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    groups: Tensor | None = None,
+    num_groups: int = 1,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``weight · (x − μ) / sqrt(σ² + eps) + bias`` for a contiguous ``(N, C, *spatial)`` input.
+
+    μ and the biased σ² are per channel over the whole batch (``groups`` None) or over the
+    samples of each group (``groups`` an ``(N,)`` LongTensor in ``[0, num_groups)``).
+
+    Args:
+        weight, bias: None, ``(C,)`` or ``(N, C)``, in the statistics dtype; both or neither.
+
+    Returns:
+        ``(y, mean, var, count)``, the last three detached: ``mean`` and ``var`` ``(C,)``, or
+        ``(K, C)`` per group; ``count`` the samples per group ``(K,)`` (a 0-d one otherwise).
+    """
+    return _NormAffine.apply(x, weight, bias, groups, num_groups, eps)
 
 
 def scale_shift(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``scale · x + shift`` with a ``(C,)`` or ``(N, C)`` scale and shift, without a graph.
 
-    On a contiguous input this is ATen's inference batch norm on the ``(1, N·C, S)`` view (zero
-    mean, unit variance, eps 0, so its per-channel factor is exactly the given scale): a plain
-    loop per (sample, channel) plane, several times faster on CPU than ``addcmul`` with two
-    broadcast operands. Other layouts use ``addcmul``. The output has ``x``'s dtype and layout.
+    A broadcast multiply, then an in-place add: on CPU about twice as fast as ``addcmul`` with
+    two broadcast operands, and than ATen's inference batch norm on the ``(1, N·C, S)`` view
+    (measured with the outputs kept alive, as in training). The scale and shift are cast to
+    ``x``'s dtype first, as :func:`normkit.functional.apply_scale_shift` does; the output has
+    ``x``'s dtype and memory format.
     """
-    n, c = x.shape[0], x.shape[1]
-    if x.dim() > 2 and x.is_contiguous() and x.numel() > 0:
-        pdtype = F.stats_dtype(x.dtype)
-        w = scale.to(pdtype).expand(n, c).reshape(n * c)
-        b = shift.to(pdtype).expand(n, c).reshape(n * c)
-        zeros = torch.zeros_like(w)
-        y = torch.native_batch_norm(
-            x.view(1, n * c, -1), w, b, zeros, torch.ones_like(w), False, 0.0, 0.0
-        )[0]
-        return y.view(x.shape)
-    return torch.addcmul(_view(shift, x).to(x.dtype), x, _view(scale, x).to(x.dtype))
+    return (x * _view(scale, x)).add_(_view(shift, x))
+
+
+_CONSTANTS: dict[tuple[int, torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+
+
+def _zeros_ones(size: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Read-only zeros and ones of ``size`` (the running statistics handed to ATen's inference
+    batch norm), kept between calls: allocating and filling them costs more than the pass."""
+    key = (size, like.dtype, like.device)
+    pair = _CONSTANTS.get(key)
+    if pair is None:
+        if len(_CONSTANTS) >= 64:
+            _CONSTANTS.clear()
+        pair = (like.new_zeros(size), like.new_ones(size))
+        _CONSTANTS[key] = pair
+    return pair
 
 
 def fast_paths_apply(x: Tensor) -> bool:
@@ -204,8 +353,17 @@ def sample_moments(x: Tensor) -> tuple[Tensor, Tensor]:
             xf = x.to(dtype)
             return xf, torch.zeros_like(xf)
         n, c = x.shape[0], x.shape[1]
-        dims = list(range(2, x.dim()))
         s = x.numel() // (n * c)
+        if x.is_contiguous():
+            # One (sample, channel) plane per row: inner-dimension reductions, the fastest.
+            rows = x.view(n * c, s)
+            first = rows[:, :1].to(dtype)
+            d = torch.sub(rows, first)
+            mean_d = d.sum(1).div_(s)
+            sq = torch.linalg.vector_norm(d, dim=1).square_().div_(s)
+            q = sq.sub_(mean_d.square()).clamp_min_(0)
+            return (first.view(n * c) + mean_d).view(n, c), q.view(n, c)
+        dims = list(range(2, x.dim()))
         first = x[(slice(None), slice(None)) + (0,) * len(dims)].to(dtype)
         d = torch.sub(x, first.view(n, c, *([1] * len(dims))))
         mean_d = d.sum(dims) / s
@@ -238,18 +396,14 @@ def _fold_full(fold: Fold, m: Tensor, q: Tensor, params: tuple[Any, ...]) -> tup
 
 class _MomentScaleShift(torch.autograd.Function):
     @staticmethod
-    def forward(x: Tensor, m: Tensor, q: Tensor, fold: Fold, *params: Any) -> Tensor:
+    def forward(ctx: Any, x: Tensor, m: Tensor, q: Tensor, fold: Fold, *params: Any) -> Tensor:
         scale, shift = _fold_full(fold, m, q, params)
-        return scale_shift(x, scale, shift)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        x, m, q, fold, *params = inputs
         ctx.fold = fold
         # Tensors are saved (version-checked); other arguments (an int domain, None) kept as is.
         ctx.is_tensor = [isinstance(p, Tensor) for p in params]
         ctx.constants = [None if isinstance(p, Tensor) else p for p in params]
         ctx.save_for_backward(x, m, q, *(p for p in params if isinstance(p, Tensor)))
+        return scale_shift(x, scale, shift)
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor) -> tuple[Any, ...]:
@@ -296,7 +450,7 @@ class _MomentScaleShift(torch.autograd.Function):
             alpha = gq * (2.0 / s)
             beta = gm / s - alpha * m
             sc = scale.detach().expand(n, c) if scale.dim() == 1 else scale.detach()
-            dx = scale_shift(x, alpha, beta).addcmul_(gy, _view(sc, x).to(x.dtype))
+            dx = scale_shift(x, alpha, beta).addcmul_(gy, _view(sc, x))
         out_params: list[Any] = [None] * len(params)
         for i, g in zip(want_params, grads):
             out_params[i] = g
@@ -304,29 +458,39 @@ class _MomentScaleShift(torch.autograd.Function):
 
 
 def _sums(gy: Tensor, x: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-(sample, channel) ``Σ_s g`` and ``Σ_s g · x`` (in ``m``'s dtype), in one pass where
-    the layout allows: ATen's batch-norm backward on the ``(1, N·C, S)`` view, centred on ``m``.
+    """Per-(sample, channel) ``Σ_s g`` and ``Σ_s g · x`` (in ``m``'s dtype)."""
+    a, pc = _centred_sums(gy, x, m)
+    return a, pc + m * a
+
+
+def _centred_sums(gy: Tensor, x: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-(sample, channel) ``Σ_s g`` and ``Σ_s g · (x − m)`` for a ``(C,)`` or ``(N, C)``
+    centre ``m`` (in ``m``'s dtype), in one pass where the layout allows: ATen's batch-norm
+    backward on the ``(1, N·C, S)`` view.
     """
     n, c = x.shape[0], x.shape[1]
     if x.dim() == 2:
         a = gy.to(m.dtype)
-        return a, a * x.to(m.dtype)
+        return a, a * (x.to(m.dtype) - m)
     if x.is_contiguous() and gy.is_contiguous():
         s = x.numel() // (n * c)
-        flat_m = m.reshape(n * c)
+        flat_m = m.repeat(n) if m.dim() == 1 else m.reshape(n * c)
         _, pc, a = torch.ops.aten.native_batch_norm_backward(
-            gy.reshape(1, n * c, s),
-            x.reshape(1, n * c, s),
+            gy.view(1, n * c, s),
+            x.view(1, n * c, s),
             None,
             None,
             None,
             flat_m,
-            torch.ones_like(flat_m),
+            _zeros_ones(n * c, flat_m)[1],
             True,
             0.0,
             [False, True, True],
         )
-        a = a.view(n, c).to(m.dtype)
-        return a, pc.view(n, c).to(m.dtype) + m * a
+        a, pc = a.view(n, c), pc.view(n, c)
+        if a.dtype != m.dtype:
+            a, pc = a.to(m.dtype), pc.to(m.dtype)
+        return a, pc
     dims = list(range(2, x.dim()))
-    return gy.sum(dims, dtype=m.dtype), (gy * x).sum(dims, dtype=m.dtype)
+    a = gy.sum(dims, dtype=m.dtype)
+    return a, (gy * x).sum(dims, dtype=m.dtype) - m * a

@@ -62,13 +62,16 @@ def update_running_(
     if isinstance(factor, Tensor):
         factor = factor.to(running_var.dtype)
     mean, var_unbiased = mean.detach(), var_unbiased.detach()
-    finite = torch.isfinite(mean) & torch.isfinite(var_unbiased)
-    mask = finite if mask is None else mask & finite
+    # A sum is finite only if both terms are (or overflows, for moments near the float range,
+    # which are treated as non-finite too): one check for both statistics.
+    keep = torch.isfinite(mean + var_unbiased)
+    if mask is not None:
+        keep = keep & mask
+    # lerp towards the old value itself leaves it exactly unchanged.
     if running_mean is not None:
-        new_mean = torch.lerp(running_mean, mean.to(running_mean.dtype), factor)
-        running_mean.copy_(torch.where(mask, new_mean, running_mean))
-    new_var = torch.lerp(running_var, var_unbiased.to(running_var.dtype), factor)
-    running_var.copy_(torch.where(mask, new_var, running_var))
+        target = torch.where(keep, mean.to(running_mean.dtype), running_mean)
+        running_mean.lerp_(target, factor)
+    running_var.lerp_(torch.where(keep, var_unbiased.to(running_var.dtype), running_var), factor)
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ from normkit._fused import (
     batch_norm_train,
     fast_paths_apply,
     moment_scale_shift,
+    norm_affine,
     sample_moments,
 )
 from normkit._stats import Synchronized, sync_moments, track_batch_
@@ -254,16 +255,37 @@ class _BatchNormCore(Synchronized, _BatchNorm):
         self, x: Tensor, domain: DomainIndex, params: tuple[Tensor | None, ...]
     ) -> Tensor | None:
         """The fused training forward that applies to ``x``, or None (then the reference path
-        runs): the moment-based one for large inputs (any layout with per-sample split
-        statistics, contiguous otherwise), ATen's batch norm for whole-batch statistics."""
+        runs): the moment-based closed-form function for contiguous inputs; for other layouts
+        ATen's batch norm with whole-batch statistics, and for per-sample split statistics the
+        moment-based function with a generic fold (large inputs only)."""
         if x.numel() == 0:
             return None
-        large = x.numel() >= _fused.MOMENT_PATH_MIN_NUMEL
+        if x.dim() > 2 and x.is_contiguous():
+            return self._fast_norm_affine(x, domain, params)
         if self.split_stats and not isinstance(domain, int):
+            large = x.numel() >= _fused.MOMENT_PATH_MIN_NUMEL
             return self._fast_split_forward(x, domain, params) if large else None
-        if large and x.dim() > 2 and x.is_contiguous():
-            return self._fast_moment_forward(x, domain, params)
         return self._fast_forward(x, domain, params)
+
+    def _fast_norm_affine(
+        self, x: Tensor, domain: DomainIndex, params: tuple[Tensor | None, ...]
+    ) -> Tensor:
+        """Contiguous input: statistics from per-(sample, channel) moments (of the whole batch,
+        or per domain with per-sample split statistics), the folded affine in one pass, and a
+        closed-form backward (:func:`normkit._fused.norm_affine`)."""
+        weight, bias = self._combined_affine(domain, *params)
+        pdtype = F.stats_dtype(x.dtype)
+        w = None if weight is None else weight.to(pdtype)
+        b = None if bias is None else bias.to(pdtype)
+        if self.split_stats and not isinstance(domain, int):
+            y, mean, var, count = norm_affine(x, w, b, self.eps, domain, self.num_domains)
+            if self.training and self.running_mean is not None:
+                spatial = x.numel() // (x.shape[0] * x.shape[1])
+                self._update_running(mean, var, count * spatial)
+            return y
+        y, mean, var, _ = norm_affine(x, w, b, self.eps)
+        self._track_whole_batch(mean, var, domain, x)
+        return y
 
     def _affines(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         """``(weight, bias, domain_weight, domain_bias)``, None for the parts that do not exist."""

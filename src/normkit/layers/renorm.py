@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from normkit import _fused
 from normkit import functional as F
 from normkit._checks import (
     check_count,
@@ -164,6 +165,18 @@ class _BatchRenorm(_BatchNormCore):
         if reference:
             weight, bias = self._renorm_affine(mean, var, weight, bias, reference)
         return super()._fold(mean, var, domain, weight, bias, domain_weight, domain_bias)
+
+    def _fast_norm_affine(
+        self, x: Tensor, domain: DomainIndex, params: tuple[Tensor | None, ...]
+    ) -> Tensor:
+        """While r and d are active (they depend on the batch statistics, which the closed-form
+        function computes inside): the moment-based function with the generic fold for large
+        inputs, else ATen's batch norm."""
+        if len(params) <= 4:
+            return super()._fast_norm_affine(x, domain, params)
+        if x.numel() >= _fused.MOMENT_PATH_MIN_NUMEL:
+            return self._fast_moment_forward(x, domain, params)
+        return self._fast_forward(x, domain, params)
 
     def _fast_forward(
         self, x: Tensor, domain: DomainIndex, params: tuple[Tensor | None, ...]
