@@ -24,6 +24,7 @@ inference batch norm on the ``(1, N·C, S)`` view is the fastest per-(n, c) scal
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -216,8 +217,13 @@ def _affine_norm_backward(
     beta = invstd.square().mul_(sb).mul_(inv_m)
     gamma = (invstd * sa).mul_(inv_m).sub_(mean * beta)
     alpha = invstd if w is None else invstd * w
-    dx = (gy * _view(alpha, x)).addcmul_(x, _view(beta, x))
-    return dx.add_(_view(gamma, x)), dw, db
+    return affine3(gy, x, alpha, beta, gamma), dw, db
+
+
+def affine3(g: Tensor, x: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor) -> Tensor:
+    """``α · g + β · x + γ`` with ``(C,)`` or ``(N, C)`` coefficients, in ``x``'s dtype and
+    layout: the shape of every closed-form input gradient here (three passes, no temporary)."""
+    return (g * _view(alpha, x)).addcmul_(x, _view(beta, x)).add_(_view(gamma, x))
 
 
 def _shift(mean: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
@@ -338,6 +344,20 @@ def fast_paths_apply(x: Tensor) -> bool:
 Fold = Callable[..., tuple[Tensor, Tensor]]
 
 
+@dataclass(frozen=True)
+class ClosedFold:
+    """A fold for :func:`moment_scale_shift` that also supplies its own first-order backward.
+
+    ``backward(x, m, q, gy, params, need_x)`` returns ``(dx or None, grads)`` with one gradient
+    (or None) per entry of ``params``, as the generic backward (autograd on the fold) would;
+    it replaces that generic backward, whose many small autograd nodes cost more than the
+    passes at small sizes. Double backward still differentiates ``fold`` itself.
+    """
+
+    fold: Fold
+    backward: Callable[..., tuple[Tensor | None, list[Tensor | None]]]
+
+
 def sample_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-(sample, channel) mean and biased variance, without a graph, in few fast passes.
 
@@ -372,7 +392,9 @@ def sample_moments(x: Tensor) -> tuple[Tensor, Tensor]:
         return first + mean_d, q
 
 
-def moment_scale_shift(x: Tensor, m: Tensor, q: Tensor, fold: Fold, *params: Any) -> Tensor:
+def moment_scale_shift(
+    x: Tensor, m: Tensor, q: Tensor, fold: Fold | ClosedFold, *params: Any
+) -> Tensor:
     """``y = scale · x + shift`` where ``(scale, shift) = fold(m, q, *params)``.
 
     ``m`` and ``q`` must be ``x``'s per-(sample, channel) mean and biased variance (from
@@ -388,15 +410,20 @@ def moment_scale_shift(x: Tensor, m: Tensor, q: Tensor, fold: Fold, *params: Any
     return _MomentScaleShift.apply(x, m.detach(), q.detach(), fold, *params)
 
 
-def _fold_full(fold: Fold, m: Tensor, q: Tensor, params: tuple[Any, ...]) -> tuple[Tensor, Tensor]:
-    scale, shift = fold(m, q, *params)
+def _fold_full(
+    fold: Fold | ClosedFold, m: Tensor, q: Tensor, params: tuple[Any, ...]
+) -> tuple[Tensor, Tensor]:
+    fn = fold.fold if isinstance(fold, ClosedFold) else fold
+    scale, shift = fn(m, q, *params)
     scale, shift = torch.broadcast_tensors(scale, shift)
     return scale, shift
 
 
 class _MomentScaleShift(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, m: Tensor, q: Tensor, fold: Fold, *params: Any) -> Tensor:
+    def forward(
+        ctx: Any, x: Tensor, m: Tensor, q: Tensor, fold: Fold | ClosedFold, *params: Any
+    ) -> Tensor:
         scale, shift = _fold_full(fold, m, q, params)
         ctx.fold = fold
         # Tensors are saved (version-checked); other arguments (an int domain, None) kept as is.
@@ -426,6 +453,12 @@ class _MomentScaleShift(torch.autograd.Function):
             for i, g in zip(want_params, grads):
                 out_p[i] = g
             return (dx, None, None, None, *out_p)
+
+        if isinstance(ctx.fold, ClosedFold):
+            dx, grads_p = ctx.fold.backward(x, m, q, gy, params, needs[0])
+            out_c = [g if isinstance(p, Tensor) and needs[4 + i] else None
+                     for i, (p, g) in enumerate(zip(params, grads_p))]  # fmt: skip
+            return (dx if needs[0] else None, None, None, None, *out_c)
 
         leaves = [p.detach().requires_grad_(True) if i in want_params else p
                   for i, p in enumerate(params)]  # fmt: skip

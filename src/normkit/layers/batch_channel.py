@@ -145,13 +145,18 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
             self.fast
             and self.training
             and not syncing
-            and input.numel() >= max(_fused.MOMENT_PATH_MIN_NUMEL, 1)
+            and input.numel() > 0
+            and input.dim() > 2
+            and (input.is_contiguous() or input.numel() >= _fused.MOMENT_PATH_MIN_NUMEL)
             and _fused.fast_paths_apply(input)
         ):
-            # Moments without a graph; the fused function differentiates through them.
+            # Moments without a graph; the fused function differentiates through them, with
+            # the closed-form backward of _moment_backward.
             m, q = _fused.sample_moments(input)
             mean, var = self._batch_statistics(input, m, q, syncing)
-            fold = self._fold if self.estimate else self._fold_batch
+            fold = _fused.ClosedFold(
+                self._fold if self.estimate else self._fold_batch, self._moment_backward
+            )
             return _fused.moment_scale_shift(input, m, q, fold, mean, var, *params)
         m, q = F.sample_moments(input)
         mean, var = self._batch_statistics(input, m, q, syncing)
@@ -202,6 +207,83 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
             scale = scale * gw
             shift = shift * gw + gb
         return scale, shift
+
+    def _moment_backward(
+        self,
+        x: Tensor,
+        m: Tensor,
+        q: Tensor,
+        gy: Tensor,
+        params: list[Any],
+        need_x: bool,
+    ) -> tuple[Tensor | None, list[Tensor | None]]:
+        """Closed-form gradients of ``y = scale · x + shift`` with :meth:`_fold`'s scale and
+        shift, for :func:`normkit._fused.moment_scale_shift` (tested against autograd of the
+        reference path to 1e-10 in float64).
+
+        Notation: the batch part ``x1 = a x + b`` per channel (``a = γ_b · invstd``); the
+        channel part ``y = γ_g · t · (x1 − μ_ng) + β_g`` with ``t`` the inverse group std;
+        per-(n, c) sums over the positions ``A = Σ g`` and ``P = Σ g (x − m)``, and
+        ``e = a m + b − μ_ng``. Then ``Σ g x̂1 = t (a P + e A)`` gives the channel-part affine's
+        gradients, and the group-norm backward is ``dx1 = α1 g + β1 (x − m) + γ1`` with
+        ``α1 = γ_g t``, ``β1 = −t² H2 a``, ``γ1 = −t H1 − t² H2 e`` (``H1``, ``H2`` the group
+        means of ``γ_g A`` and ``γ_g Σ g x̂1``). The batch part's per-channel sums of ``dx1``
+        and ``dx1 (x − μ)`` follow from ``A``, ``P``, ``q`` and ``m`` in closed form, and give
+        its affine's gradients and, with batch statistics, the batch-norm backward. ``dx`` is
+        ``α g + β x + γ`` per (n, c): two passes over the activation after one reduction.
+        """
+        mean, var, weight, bias, group_weight, _group_bias = params
+        n, c = m.shape
+        groups = self.num_groups
+        per = c // groups
+        s = x.numel() // (n * c)
+        if not self.estimate:
+            mean, var = F.merge_sample_moments(m, q)
+        invstd = (var + self.eps).rsqrt()
+        a = invstd if weight is None else invstd * weight
+        b = -mean * a if bias is None else torch.addcmul(bias, mean, a, value=-1)
+        plane = (a * m + b).view(n, groups, per)  # mean of x1 on each (n, c) plane
+        e = plane - plane.mean(2, keepdim=True)
+        a3 = a.view(1, groups, per)
+        gvar = (a3.square() * q.view(n, groups, per) + e.square()).mean(2, keepdim=True)
+        t = (gvar + self.eps).rsqrt()  # (N, G, 1)
+        gw: Tensor | None = None
+        if group_weight is not None:
+            gw = group_weight.view(1, groups, 1 if self.group_affine == "per_group" else per)
+        sum_g, sum_gx = _fused._centred_sums(gy, x, m)
+        a_nc, p_nc = sum_g.view(n, groups, per), sum_gx.view(n, groups, per)
+        xh = t * (a3 * p_nc + e * a_nc)  # Σ_s g · x̂1
+        grads: list[Tensor | None] = [None, None, None, None, None, None]
+        if group_weight is not None:
+            dims = (0, 2) if self.group_affine == "per_group" else (0,)
+            grads[4] = xh.sum(dims).reshape(group_weight.shape)
+            grads[5] = a_nc.sum(dims).reshape(group_weight.shape)
+        ha, hx = (a_nc, xh) if gw is None else (a_nc * gw, xh * gw)
+        k = 1.0 / (s * per)
+        h1 = ha.sum(2, keepdim=True).mul_(k)
+        t2h2 = hx.sum(2, keepdim=True).mul_(k).mul_(t.square())
+        alpha1 = (t if gw is None else t * gw).expand(n, groups, per).reshape(n, c)
+        beta1 = (-t2h2 * a3).reshape(n, c)
+        gamma1 = (-t * h1 - t2h2 * e).reshape(n, c)
+        # Per-(n, c) Σ_s dx1 and Σ_s dx1 (x − μ).
+        s1 = alpha1 * sum_g + gamma1 * s
+        dev = m - mean
+        s2 = alpha1 * sum_gx + beta1 * (q * s) + dev * s1
+        t1, t2 = s1.sum(0), s2.sum(0)
+        if weight is not None:
+            grads[2] = t2 * invstd
+            grads[3] = t1
+        if not need_x:
+            return None, grads
+        if self.estimate:  # fixed statistics: dx = a · dx1
+            beta, gamma0 = a * beta1, a * gamma1
+        else:  # the batch-norm backward, through μ and σ² of the batch
+            inv_m = 1.0 / (n * s)
+            d2 = t2 * invstd.square() * inv_m
+            beta = a * (beta1 - d2)
+            gamma0 = a * (gamma1 - t1 * inv_m - d2 * dev)
+        alpha = a * alpha1
+        return _fused.affine3(gy, x, alpha, beta, gamma0 - beta * m), grads
 
     def _batch_statistics(
         self, x: Tensor, m: Tensor, q: Tensor, syncing: bool
