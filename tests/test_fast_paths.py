@@ -105,9 +105,10 @@ def test_fast_path_equals_reference_channels_last(
 
 
 def test_the_fast_path_is_taken_exactly_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Contiguous inputs of any size take the closed-form moment-based function; other layouts
-    (channels_last, (N, C)) ATen's batch norm, except per-sample split statistics, which take
-    the generic moment-based function when large and the reference path when small; eval and
+    """Contiguous inputs of any size, and per-sample split statistics in any layout, take the
+    closed-form moment-based function; other layouts (channels_last, (N, C)) ATen's batch
+    norm, except (N, C) inputs with per-sample split statistics, which take the generic
+    moment-based function when large and the reference path when small; eval and
     ``fast = False`` none of them."""
     calls: list[str] = []
 
@@ -128,6 +129,7 @@ def test_the_fast_path_is_taken_exactly_where_it_applies(monkeypatch: pytest.Mon
     x_cl = x.contiguous(memory_format=torch.channels_last)
     small_cl = small.contiguous(memory_format=torch.channels_last)
     per_sample = torch.tensor([0, 1, 2, 0, 1, 2])
+    flat, flat_domain = torch.randn(60, 4), torch.arange(60) % 3  # (N, C) above the threshold
     off = nk.SandwichBatchNorm2d(4, 3, split_stats=True)
     off.fast = False
     closed, moments, aten = ["norm_affine"], ["moment_scale_shift"], ["batch_norm_train"]
@@ -140,12 +142,14 @@ def test_the_fast_path_is_taken_exactly_where_it_applies(monkeypatch: pytest.Mon
         (nk.SandwichBatchNorm2d(4, 3), small, 1, closed),
         (nk.SandwichBatchNorm2d(4, 3), x_cl, 1, aten),
         (nk.SandwichBatchNorm2d(4, 3, **split), small, per_sample, closed),
-        (nk.SandwichBatchNorm2d(4, 3, **split), small_cl, per_sample, []),
+        (nk.SandwichBatchNorm2d(4, 3, **split), small_cl, per_sample, closed),
         (nk.SandwichBatchNorm2d(4, 3, **split), x, 1, closed),
         (nk.SandwichBatchNorm2d(4, 3, **split), x_cl, 1, aten),
         (nk.SandwichBatchNorm2d(4, 3, **split), x, per_sample, closed),
-        (nk.SandwichBatchNorm2d(4, 3, **split), x_cl, per_sample, moments),
+        (nk.SandwichBatchNorm2d(4, 3, **split), x_cl, per_sample, closed),
         (nk.SandwichBatchNorm1d(4, 3), x[:, :, 0, 0], per_sample, aten),
+        (nk.SandwichBatchNorm1d(4, 3, **split), flat, flat_domain, moments),
+        (nk.SandwichBatchNorm1d(4, 3, **split), small[:, :, 0, 0], per_sample, []),
         (nk.SandwichBatchNorm2d(4, 3).eval(), x, per_sample, []),
         (off, x, per_sample, []),
     ]

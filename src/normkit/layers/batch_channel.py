@@ -147,8 +147,7 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
             and self.training
             and not syncing
             and input.numel() > 0
-            and input.dim() > 2
-            and (input.is_contiguous() or input.numel() >= _fused.MOMENT_PATH_MIN_NUMEL)
+            and (input.dim() > 2 or input.numel() >= _fused.MOMENT_PATH_MIN_NUMEL)
             and _fused.fast_paths_apply(input)
         ):
             # Moments without a graph; the fused function differentiates through them, with

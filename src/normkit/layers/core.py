@@ -260,9 +260,10 @@ class _BatchNormCore(Synchronized, _BatchNorm):
         moment-based function with a generic fold (large inputs only)."""
         if x.numel() == 0:
             return None
-        if x.dim() > 2 and x.is_contiguous():
+        per_sample = self.split_stats and not isinstance(domain, int)
+        if x.dim() > 2 and (x.is_contiguous() or per_sample):
             return self._fast_norm_affine(x, domain, params)
-        if self.split_stats and not isinstance(domain, int):
+        if per_sample and isinstance(domain, Tensor):  # (N, C) inputs
             large = x.numel() >= _fused.MOMENT_PATH_MIN_NUMEL
             return self._fast_split_forward(x, domain, params) if large else None
         return self._fast_forward(x, domain, params)
