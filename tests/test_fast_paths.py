@@ -354,3 +354,141 @@ def test_norm_affine_half_input_keeps_its_dtype_with_float32_statistics(
     torch.testing.assert_close(mean, want_mean.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(var, want_var.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y.float(), want_y.float(), rtol=2e-2, atol=5e-2)
+
+
+# Weight standardization: the closed-form function against the reference formula.
+
+WS_CASES = [
+    ("conv2d", lambda **k: nk.WSConv2d(3, 4, 3, padding=1, **k), (2, 3, 5, 5)),
+    ("conv1d", lambda **k: nk.WSConv1d(3, 4, 2, **k), (2, 3, 6)),
+    ("conv3d", lambda **k: nk.WSConv3d(2, 3, 2, **k), (2, 2, 3, 3, 3)),
+    ("linear", lambda **k: nk.WSLinear(5, 3, **k), (4, 5)),
+    ("grouped", lambda **k: nk.WSConv2d(4, 6, 3, groups=2, **k), (2, 4, 4, 4)),
+]
+WS_MODES = [
+    {"eps_mode": "sqrt", "unbiased": False},
+    {"eps_mode": "std", "unbiased": True},
+    {"eps_mode": "max", "unbiased": False, "eps": 0.3},  # some filters below the threshold
+    {"eps_mode": "max", "unbiased": True, "eps": 1e-4},
+]
+
+
+def _ws_run(layer: nn.Module, x0: Tensor, up: Tensor) -> dict[str, Tensor]:
+    x = x0.clone().requires_grad_(True)
+    y = layer(x)
+    names, params = zip(*layer.named_parameters())
+    grads = torch.autograd.grad(y, (x, *params), up)
+    return {"y": y.detach(), "dx": grads[0], **dict(zip(names, grads[1:]))}
+
+
+@pytest.mark.parametrize("mode", WS_MODES, ids=lambda m: f"{m['eps_mode']}-{m['unbiased']}")
+@pytest.mark.parametrize(("name", "make", "shape"), WS_CASES, ids=[c[0] for c in WS_CASES])
+def test_ws_fast_path_equals_reference(
+    name: str, make: Any, shape: tuple[int, ...], mode: dict[str, Any]
+) -> None:
+    torch.manual_seed(8)
+    fast = make(**mode).to(F64)
+    with torch.no_grad():  # filters of different spreads and offsets
+        fast.weight.mul_(torch.rand(fast.weight.shape[0], *[1] * (fast.weight.dim() - 1),
+                                    dtype=F64) * 2).add_(0.3)  # fmt: skip
+    ref = copy.deepcopy(fast)
+    ref.fast = False
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(shape, generator=g, dtype=F64)
+    out_shape = ref(x).shape
+    up = torch.randn(out_shape, generator=g, dtype=F64)
+    calls: list[int] = []
+    real = _fused.weight_standardize
+
+    def counting(*a: Any, **k: Any) -> Tensor:
+        calls.append(1)
+        return real(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_fused, "weight_standardize", counting)
+        got = _ws_run(fast, x, up)
+    assert calls, "the fast path was not taken"
+    want = _ws_run(ref, x, up)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], **TOL, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_scaled_ws_fast_path_equals_reference() -> None:
+    torch.manual_seed(10)
+    fast = nk.ScaledWSConv2d(3, 5, 3, padding=1).to(F64)
+    with torch.no_grad():
+        fast.gain.uniform_(0.5, 1.5)
+    ref = copy.deepcopy(fast)
+    ref.fast = False
+    x = torch.randn(2, 3, 6, 6, dtype=F64)
+    up = torch.randn(2, 5, 6, 6, dtype=F64)
+    got, want = _ws_run(fast, x, up), _ws_run(ref, x, up)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], **TOL, msg=lambda m, k=key: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("mode", WS_MODES, ids=lambda m: f"{m['eps_mode']}-{m['unbiased']}")
+def test_ws_function_gradcheck_and_gradgradcheck(mode: dict[str, Any]) -> None:
+    g = torch.Generator().manual_seed(11)
+    w = (torch.randn(4, 3, 2, 2, generator=g, dtype=F64) * 0.7 + 0.2).requires_grad_(True)
+    eps = mode.get("eps", 1e-5)
+
+    def f(w: Tensor) -> Tensor:
+        return _fused.weight_standardize(
+            w, eps, unbiased=mode["unbiased"], eps_mode=mode["eps_mode"]
+        )
+
+    torch.testing.assert_close(
+        f(w),
+        nk.functional.weight_standardize(
+            w, eps, unbiased=mode["unbiased"], eps_mode=mode["eps_mode"]
+        ),
+        **TOL,
+    )
+    assert gradcheck(f, (w,))
+    assert gradgradcheck(f, (w,))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ws_function_half_weight(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(12)
+    w32 = torch.randn(6, 4, 3, 3, generator=g)
+    w = w32.to(dtype).requires_grad_(True)
+    up = torch.randn(w.shape, generator=g).to(dtype)
+    y = _fused.weight_standardize(w, 1e-5)
+    (dw,) = torch.autograd.grad(y, w, up)
+    assert y.dtype == dtype and dw.dtype == dtype
+    w64 = w.detach().double().requires_grad_(True)
+    y64 = nk.functional.weight_standardize(w64, 1e-5)
+    (dw64,) = torch.autograd.grad(y64, w64, up.double())
+    torch.testing.assert_close(y.double(), y64, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dw.double(), dw64, rtol=5e-2, atol=5e-2)
+
+
+def test_ws_fast_path_in_every_eager_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every eager computation of the weight takes the closed form, with or without a
+    gradient (so the eval cache equals the training weight bit for bit); ``fast = False``
+    and compiled code keep the reference formula."""
+    calls: list[int] = []
+    real = _fused.weight_standardize
+
+    def counting(*a: Any, **k: Any) -> Tensor:
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(_fused, "weight_standardize", counting)
+    layer = nk.WSConv2d(3, 4, 3)
+    x = torch.randn(1, 3, 5, 5)
+    layer.fast = False
+    layer(x)
+    torch.compile(layer, backend="eager", fullgraph=True)(x)
+    assert calls == []
+    layer.fast = True
+    with torch.no_grad():
+        layer(x)
+    layer(x)
+    assert calls == [1, 1]
+    train_weight = layer.standardized_weight()
+    with torch.no_grad():
+        cached = layer.eval().standardized_weight()
+    assert torch.equal(cached, train_weight)

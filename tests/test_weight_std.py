@@ -219,8 +219,9 @@ class CountCalls:
 
 @pytest.fixture
 def counter(monkeypatch: pytest.MonkeyPatch) -> CountCalls:
-    c = CountCalls(normkit.functional.weight_standardize)
-    monkeypatch.setattr(normkit.functional, "weight_standardize", c)
+    # The standardization itself, which both the reference and the fast path call.
+    c = CountCalls(normkit.functional.standardize_parts)
+    monkeypatch.setattr(normkit.functional, "standardize_parts", c)
     return c
 
 

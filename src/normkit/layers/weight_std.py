@@ -71,6 +71,7 @@ from torch.nn import functional as F
 from torch.nn.common_types import _size_1_t, _size_2_t, _size_3_t
 from torch.nn.modules.conv import _ConvNd
 
+from normkit import _fused
 from normkit import functional as nkf
 from normkit._checks import (
     check_conv_input,
@@ -278,6 +279,10 @@ class _StandardizedWeight(nn.Module):
 
     weight: Tensor
     _ws_cache: _CacheEntry | None
+    #: The closed-form standardization (:func:`normkit._fused.weight_standardize`) where it
+    #: applies: the weight needs a gradient, in eager mode. False always runs the reference
+    #: formula (:func:`normkit.functional.weight_standardize`), for tests and debugging.
+    fast = True
 
     def _compute_weight(self) -> Tensor:
         raise NotImplementedError
@@ -405,9 +410,8 @@ class _WSLayer(_StandardizedWeight):
         self._ws_cache = None
 
     def _compute_weight(self) -> Tensor:
-        return nkf.weight_standardize(
-            self.weight, self.eps, unbiased=self.unbiased, eps_mode=self.eps_mode
-        )
+        standardize = _standardizer(self)
+        return standardize(self.weight, self.eps, unbiased=self.unbiased, eps_mode=self.eps_mode)
 
     def _cache_config(self) -> tuple[object, ...]:
         return (self.eps, self.unbiased, self.eps_mode)
@@ -433,6 +437,17 @@ class _WSLayer(_StandardizedWeight):
             f"preset={self.preset!r}, eps={self.eps}, unbiased={self.unbiased}, "
             f"eps_mode={self.eps_mode!r}"
         )
+
+
+def _standardizer(layer: _StandardizedWeight) -> Callable[..., Tensor]:
+    """The closed-form standardization in eager mode (its forward avoids ``var_mean``'s slow
+    Welford loop, its backward replaces autograd's), else the reference. Eager calls with and
+    without gradient use the same one, so the eval cache holds exactly the weight that
+    training computes."""
+    w = layer.weight
+    if layer.fast and type(w) in _PLAIN_TENSOR_TYPES and _fused.fast_paths_apply(w):
+        return _fused.weight_standardize
+    return nkf.weight_standardize
 
 
 def _conv_twin(conv: _ConvNd, cls: Callable[..., _ConvNd]) -> _ConvNd:
@@ -885,7 +900,8 @@ class ScaledWSConv2d(_StandardizedWeight, nn.Conv2d):
 
     def _compute_weight(self) -> Tensor:
         fan_in = self.weight[0].numel()
-        w_hat = nkf.weight_standardize(self.weight, self.eps, unbiased=False, eps_mode="sqrt")
+        standardize = _standardizer(self)
+        w_hat = standardize(self.weight, self.eps, unbiased=False, eps_mode="sqrt")
         return w_hat * (self.gain * (self.gamma / math.sqrt(fan_in))).to(w_hat.dtype)
 
     def _cache_sources(self) -> tuple[Tensor, ...]:
