@@ -152,12 +152,12 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
         ):
             # Moments without a graph; the fused function differentiates through them, with
             # the closed-form backward of _moment_backward.
-            m, q = _fused.sample_moments(input)
+            m, q, centred = _fused.centred_moments(input)
             mean, var = self._batch_statistics(input, m, q, syncing, eager=True)
             fold = _fused.ClosedFold(
                 self._fold if self.estimate else self._fold_batch, self._moment_backward
             )
-            return _fused.moment_scale_shift(input, m, q, fold, mean, var, *params)
+            return _fused.moment_scale_shift(input, m, q, fold, mean, var, *params, centred=centred)
         m, q = F.sample_moments(input)
         mean, var = self._batch_statistics(input, m, q, syncing)
         scale, shift = self._fold(m, q, mean, var, *params)
