@@ -1,23 +1,29 @@
-"""Fast training paths of the batch-norm layers, equal to their reference paths.
+"""Fast training paths of the normalization layers, equal to their reference paths.
 
 The reference path of a layer (its formula through autograd: ``functional.batch_moments`` or
 ``functional.sample_moments``, then ``functional.apply_scale_shift``) is the specification and
 stays in use wherever these paths do not apply (synchronized statistics, empty batches, eval,
 tracing for ``torch.compile``/``torch.export``, ``torch.func`` transforms). Here:
 
-* :func:`moment_scale_shift` (contiguous inputs, and every per-sample split-statistics or BCN
-  call): per-(sample, channel) moments from shifted sums (:func:`sample_moments`), a small
-  ``(N, C)`` fold that turns them into one scale and shift, and one pass to apply it
-  (:func:`scale_shift`). A custom autograd function: its backward is one fused reduction, autograd
-  on the fold, and one elementwise pass.
-* :func:`batch_norm_train` (other layouts: channels_last, ``(N, C)``): ATen's batch norm with the
-  per-channel affine folded into its weight and bias, or, for a per-(sample, channel) affine,
-  :class:`_AffineBatchNorm` (ATen's batch norm without affine, one in-place multiply-add, a
-  closed-form backward).
+* :func:`norm_affine` (the batch-norm core, contiguous inputs of any size, and per-sample split
+  statistics in any layout): per-(sample, channel) moments from shifted sums, the statistics of
+  the whole batch or of each group of samples, the folded affine applied in one pass (written
+  into the shifted copy the moments were taken from), and a closed-form backward
+  (:func:`_affine_norm_backward`): one fused reduction and one elementwise pass.
+* :func:`moment_scale_shift` (BCN at every size, batch renormalization and ``(N, C)`` inputs
+  with per-sample split statistics when large): the same moments and a generic ``(N, C)`` fold
+  into one scale and shift; its backward differentiates the fold with autograd, or calls the
+  fold's own closed form (:class:`ClosedFold`, BCN's).
+* :func:`batch_norm_train` (whole-batch statistics in other layouts: channels_last, ``(N, C)``):
+  ATen's batch norm with the per-channel affine folded into its weight and bias, or, for a
+  per-(sample, channel) affine, :class:`_AffineBatchNorm` (ATen's batch norm without affine, one
+  in-place multiply-add, the same closed-form backward).
+* :func:`weight_standardize` (the WS layers in eager mode): the reference computation, and a
+  closed-form backward.
 
 On CPU both ATen's batch norm and ``torch.var_mean`` reduce with a slow Welford loop over
-contiguous NCHW data; plain sums of ``x − x[..., 0]`` are several times faster, and ATen's
-inference batch norm on the ``(1, N·C, S)`` view is the fastest per-(n, c) scale-and-shift.
+contiguous NCHW data; plain sums of ``x − x[..., 0]`` are several times faster. At small sizes
+every operator call costs microseconds, so the functions here are written for few calls.
 ``tests/test_fast_paths.py`` checks every path against the reference to 1e-10 in float64.
 """
 
@@ -34,20 +40,25 @@ from normkit import functional as F
 
 __all__ = [
     "MOMENT_PATH_MIN_NUMEL",
+    "ClosedFold",
+    "affine3",
     "batch_norm_train",
+    "centred_moments",
     "fast_paths_apply",
     "moment_scale_shift",
+    "norm_affine",
     "sample_moments",
     "scale_shift",
+    "weight_standardize",
 ]
 
 
 MOMENT_PATH_MIN_NUMEL = 1 << 19
-"""Training inputs of at least this many elements take :func:`moment_scale_shift`; below it the
-layers use ATen's batch norm (:func:`batch_norm_train`) where it applies, else their reference
-path: with small tensors the operator calls of the custom function's backward (a fold recomputed
-under autograd) cost more than the passes it saves. Chosen from 1- and 2-thread CPU timings
-(``normkit bench``; at 2x512x8x8, 1 thread: BCN 4.4 ms fused, 3.5 ms reference)."""
+"""Inputs of at least this many elements take :func:`moment_scale_shift` where no closed-form
+path applies (``(N, C)`` inputs with per-sample split statistics, batch renormalization with
+r and d active); below it those use ATen's batch norm (:func:`batch_norm_train`) where it
+applies, else their reference path: with small tensors the operator calls of the generic
+backward (the fold recomputed under autograd) cost more than the passes it saves."""
 
 
 def _view(t: Tensor, x: Tensor) -> Tensor:
