@@ -271,3 +271,39 @@ def test_unwritable_json_path_fails_before_the_run(
     captured = capsys.readouterr()
     assert captured.err == f"normkit: error: bench: --json: {tmp_path} is a directory\n"
     assert captured.out == ""
+
+
+def _fake_row(layer: str, ratio: float, memory: float) -> dict[str, Any]:
+    return {
+        "layer": layer,
+        "device": "cpu",
+        "shape": [2, 8, 4, 4],
+        "dtype": "float32",
+        "format": "contiguous",
+        "mode": "eager",
+        "pass": "fwd+bwd",
+        "baseline_ms": 1.0,
+        "candidate_ms": ratio,
+        "ratio": ratio,
+        "memory": {"ratio": memory},
+        "targets": [
+            {"metric": "time", "limit": 1.1, "value": ratio, "met": ratio <= 1.1},
+            {"metric": "memory", "limit": 1.1, "value": memory, "met": memory <= 1.1},
+        ],
+    }
+
+
+def test_combine_reports_the_median_over_runs_and_judges_targets_by_it() -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "combine.py"
+    combine = runpy.run_path(str(script))["combine"]
+    runs = [{"rows": [_fake_row("sabn", r, 1.0)]} for r in (0.9, 1.3, 1.0)]
+    text = combine(runs)
+    lines = text.splitlines()
+    time_line = next(line for line in lines if line.startswith("| ≤ 1.10 | sabn"))
+    # The median run (1.00) decides, not the best (0.90) or the worst (1.30).
+    assert "| 1.00 | 0.90–1.30 | yes |" in time_line
+    assert "Targets met: 2 of 2 checks" in text
+    runs = [{"rows": [_fake_row("sabn", r, 1.0)]} for r in (0.9, 1.3, 1.2)]
+    assert "Targets met: 1 of 2 checks" in combine(runs)
+    row_line = next(line for line in lines if line.startswith("| sabn | 2x8x4x4"))
+    assert row_line.split("|")[9].strip() == "1.00"  # the ratio column

@@ -255,16 +255,19 @@ class _BatchNormCore(Synchronized, _BatchNorm):
         self, x: Tensor, domain: DomainIndex, params: tuple[Tensor | None, ...]
     ) -> Tensor | None:
         """The fused training forward that applies to ``x``, or None (then the reference path
-        runs): the moment-based closed-form function for contiguous inputs; for other layouts
-        ATen's batch norm with whole-batch statistics, and for per-sample split statistics the
-        moment-based function with a generic fold (large inputs only)."""
+        runs): the moment-based closed-form function for large contiguous inputs and for
+        per-sample split statistics; ATen's batch norm for other whole-batch statistics; for
+        ``(N, C)`` inputs with per-sample split statistics the moment-based function with a
+        generic fold (large inputs only)."""
         if x.numel() == 0:
             return None
         per_sample = self.split_stats and not isinstance(domain, int)
-        if x.dim() > 2 and (x.is_contiguous() or per_sample):
+        large = x.numel() >= _fused.MOMENT_PATH_MIN_NUMEL
+        # Small whole-batch inputs: ATen's batch norm is two operator calls, where the
+        # closed-form function's dozens of small ones cost more than its faster passes save.
+        if x.dim() > 2 and (per_sample or (large and x.is_contiguous())):
             return self._fast_norm_affine(x, domain, params)
         if per_sample and isinstance(domain, Tensor):  # (N, C) inputs
-            large = x.numel() >= _fused.MOMENT_PATH_MIN_NUMEL
             return self._fast_split_forward(x, domain, params) if large else None
         return self._fast_forward(x, domain, params)
 
