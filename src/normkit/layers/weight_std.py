@@ -440,8 +440,8 @@ class _WSLayer(_StandardizedWeight):
 
 
 def _standardizer(layer: _StandardizedWeight) -> Callable[..., Tensor]:
-    """The closed-form standardization in eager mode (its forward avoids ``var_mean``'s slow
-    Welford loop, its backward replaces autograd's), else the reference. Eager calls with and
+    """The closed-form standardization in eager mode (the reference computation done in place,
+    and a five-pass backward instead of autograd's), else the reference. Eager calls with and
     without gradient use the same one, so the eval cache holds exactly the weight that
     training computes."""
     w = layer.weight
