@@ -265,13 +265,9 @@ class _NormAffine(torch.autograd.Function):
         k: int,
         eps: float,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        # A contiguous input in the statistics dtype: the shifted copy d made for the moments
-        # becomes the output, in place (one activation-sized allocation fewer).
-        reuse = x.is_contiguous() and x.dim() > 2 and x.dtype == F.stats_dtype(x.dtype)
-        if reuse:
-            m, q, d, first = _plane_moments(x)
-        else:
-            m, q = sample_moments(x)
+        # For a contiguous input in the statistics dtype, the shifted copy d made for the
+        # moments becomes the output, in place (one activation-sized allocation fewer).
+        m, q, centred = centred_moments(x)
         if groups is None:
             mean = m.mean(0)
             var = (m - mean).square_().add_(q).mean(0)
@@ -282,8 +278,9 @@ class _NormAffine(torch.autograd.Function):
             mean_n, var_n = mean.index_select(0, groups), var.index_select(0, groups)
         invstd = (var_n + eps).rsqrt_()
         scale = invstd if w is None else invstd * w
-        if reuse:
+        if centred is not None:
             # scale · x + (b − scale · μ) = scale · d + (b − scale · (μ − first)): d = x − first.
+            d, first = centred
             shift = _shift(mean_n - first, scale, b)
             y = scale_shift(d.view(x.shape), scale, shift, inplace=True)
         else:
