@@ -249,6 +249,21 @@ def _shift(mean: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     return torch.addcmul(bias, mean, scale, value=-1)
 
 
+def _group_moments(
+    m: Tensor, q: Tensor, groups: Tensor, k: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`normkit.functional.domain_moments` in fewer operator calls (scatter sums instead
+    of one-hot products; a non-finite value still spoils only its own group's moments), plus
+    each sample's group moments: ``(mean, var, count, mean_n, var_n)``."""
+    count = torch.bincount(groups, minlength=k).to(m.dtype)
+    denom = count.clamp_min(1).unsqueeze(1)
+    mean = m.new_zeros(k, m.shape[1]).index_add_(0, groups, m).div_(denom)
+    mean_n = mean.index_select(0, groups)
+    spread = (m - mean_n).square_().add_(q)
+    var = m.new_zeros(k, m.shape[1]).index_add_(0, groups, spread).div_(denom)
+    return mean, var, count, mean_n, var.index_select(0, groups)
+
+
 class _NormAffine(torch.autograd.Function):
     """Batch normalization and a ``(C,)`` or ``(N, C)`` affine of a contiguous ``(N, C, *S)``
     input, statistics from per-(sample, channel) shifted sums (as :func:`sample_moments`) over
@@ -274,8 +289,7 @@ class _NormAffine(torch.autograd.Function):
             count = mean.new_ones(())
             mean_n, var_n = mean, var
         else:
-            mean, var, count = F.domain_moments(m, q, groups, k)
-            mean_n, var_n = mean.index_select(0, groups), var.index_select(0, groups)
+            mean, var, count, mean_n, var_n = _group_moments(m, q, groups, k)
         invstd = (var_n + eps).rsqrt_()
         scale = invstd if w is None else invstd * w
         if centred is not None:
