@@ -255,7 +255,8 @@ def _group_moments(
     """:func:`normkit.functional.domain_moments` in fewer operator calls (scatter sums instead
     of one-hot products; a non-finite value still spoils only its own group's moments), plus
     each sample's group moments: ``(mean, var, count, mean_n, var_n)``."""
-    count = torch.bincount(groups, minlength=k).to(m.dtype)
+    # (bincount has no meta kernel; a scatter sum of ones works on every device)
+    count = m.new_zeros(k).index_add_(0, groups, m.new_ones(m.shape[0]))
     denom = count.clamp_min(1).unsqueeze(1)
     mean = m.new_zeros(k, m.shape[1]).index_add_(0, groups, m).div_(denom)
     mean_n = mean.index_select(0, groups)
