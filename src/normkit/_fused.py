@@ -635,8 +635,8 @@ def _centred_sums(gy: Tensor, x: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
 def weight_standardize(
     weight: Tensor, eps: float, *, unbiased: bool = False, eps_mode: str = "sqrt"
 ) -> Tensor:
-    """:func:`normkit.functional.weight_standardize` (same arguments and result) with a
-    closed-form backward, for eager training.
+    """:func:`normkit.functional.weight_standardize` (same arguments and result; ``eps_mode``
+    one of the three modes, as the layers check at construction) with a closed-form backward.
 
     Per output filter ``o`` with fan-in ``K``, ``d = w − mean``, ``v = Σ d² / (K − c)``
     (``c = 1`` when unbiased) and ``inv = 1 / σ(v)`` of the eps mode, ``ŵ = d · inv``; with
@@ -648,9 +648,6 @@ def weight_standardize(
     standardize_parts`), so the outputs are identical; autograd's backward of it is about ten
     passes over the weight, this one five.
     """
-    if eps_mode not in ("sqrt", "std", "max"):
-        # The reference raises the documented error.
-        return F.weight_standardize(weight, eps, unbiased=unbiased, eps_mode=eps_mode)
     out: Tensor = _WeightStandardize.apply(weight, eps, unbiased, eps_mode)
     return out
 

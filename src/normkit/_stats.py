@@ -120,8 +120,15 @@ def estimate_update_eager_(
     rate: float,
     present: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`estimate_update_`'s computation as plain eager code, for eager callers: calling
-    a custom op from Python costs far more (about 0.1 ms) than this handful of small ops."""
+    """``running ← (1 − rate) · running + rate · batch`` where ``present``; returns the new values.
+
+    Compiled code calls it as the opaque op :data:`estimate_update_`: a layer that normalizes
+    with estimates it has just updated in place (BCN's micro-batch mode) must use the returned
+    values, which the compiled backward then saves. Without this, inductor's backward may
+    recompute them from the mutated buffers and produce wrong gradients (pytorch/pytorch PR
+    #197039 tracks the underlying bug). Eager code calls this function directly: calling a
+    custom op from Python costs far more (about 0.1 ms) than these few small ops.
+    """
     keep = present & torch.isfinite(mean) & torch.isfinite(var)  # never store NaN or Inf
     new_mean = torch.lerp(running_mean, mean.to(running_mean.dtype), rate)
     new_var = torch.lerp(running_var, var.to(running_var.dtype), rate)
@@ -132,23 +139,11 @@ def estimate_update_eager_(
     return new_mean, new_var
 
 
-@torch.library.custom_op("normkit::estimate_update_", mutates_args=("running_mean", "running_var"))
-def estimate_update_(
-    running_mean: Tensor,
-    running_var: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    rate: float,
-    present: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """``running ← (1 − rate) · running + rate · batch`` where ``present``; returns the new values.
-
-    An opaque op on purpose: a layer that normalizes with estimates it has just updated in place
-    (BCN's micro-batch mode) must use the returned values, which the compiled backward then saves.
-    Without this, inductor's backward may recompute them from the mutated buffers and produce
-    wrong gradients (pytorch/pytorch PR #197039 tracks the underlying bug).
-    """
-    return estimate_update_eager_(running_mean, running_var, mean, var, rate, present)
+estimate_update_ = torch.library.custom_op(
+    "normkit::estimate_update_",
+    estimate_update_eager_,
+    mutates_args=("running_mean", "running_var"),
+)
 
 
 @estimate_update_.register_fake
@@ -309,6 +304,10 @@ class Synchronized:
     sync: bool = False
     process_group: Any = None
     training: bool
+
+    def _sync_repr(self) -> str:
+        """The ``extra_repr`` ending that shows synchronization."""
+        return ", sync=True" if self.sync else ""
 
     def _syncing(self) -> bool:
         return self.sync and self.training and world_size(self.process_group) > 1

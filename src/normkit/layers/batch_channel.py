@@ -153,7 +153,7 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
             # Moments without a graph; the fused function differentiates through them, with
             # the closed-form backward of _moment_backward.
             m, q, centred = _fused.centred_moments(input)
-            mean, var = self._batch_statistics(input, m, q, syncing, eager=True)
+            mean, var = self._batch_statistics(input, m, q, syncing)
             fold = _fused.ClosedFold(
                 self._fold if self.estimate else self._fold_batch, self._moment_backward
             )
@@ -286,14 +286,13 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
         return _fused.affine3(gy, x, alpha, beta, gamma0 - beta * m), grads
 
     def _batch_statistics(
-        self, x: Tensor, m: Tensor, q: Tensor, syncing: bool, eager: bool = False
+        self, x: Tensor, m: Tensor, q: Tensor, syncing: bool
     ) -> tuple[Tensor, Tensor]:
-        """Per-channel mean and variance that the batch part normalizes with (``eager``: the
-        caller is the eager fast path, which may skip the custom op's dispatch)."""
+        """Per-channel mean and variance that the batch part normalizes with."""
         if self.estimate:
             assert self.running_mean is not None and self.running_var is not None
             if self.training:
-                return self._update_estimates(m, q, syncing, eager)
+                return self._update_estimates(m, q, syncing)
             # Copies (C values each): the next training forward updates the buffers in place,
             # which must not invalidate this forward's graph (micro-batch gradient accumulation
             # runs several forwards before one backward).
@@ -306,9 +305,7 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
         return self._merge_and_track(mean, var, count, syncing)
 
     @torch.no_grad()
-    def _update_estimates(
-        self, m: Tensor, q: Tensor, syncing: bool, eager: bool = False
-    ) -> tuple[Tensor, Tensor]:
+    def _update_estimates(self, m: Tensor, q: Tensor, syncing: bool) -> tuple[Tensor, Tensor]:
         """Update the estimates in place; return their new values (for this forward to use)."""
         # The variance is centred on the previous mean estimate, not on the batch mean, as in
         # the authors' estimated-statistics BN; it is stored biased.
@@ -335,7 +332,8 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
             batch_mean, batch_var = (sums[1] / n).to(m.dtype), (sums[2] / n).to(m.dtype)
             present = sums[0][0] > 0
         self.num_batches_tracked.add_(present.to(self.num_batches_tracked.dtype))
-        update = estimate_update_eager_ if eager else estimate_update_
+        # The opaque op only where a compiler traces; eager code skips its dispatch (as MABN).
+        update = estimate_update_ if torch.compiler.is_compiling() else estimate_update_eager_
         new_mean, new_var = update(
             self.running_mean, self.running_var, batch_mean, batch_var, self.estimate_rate, present
         )

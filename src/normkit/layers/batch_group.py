@@ -126,7 +126,7 @@ class BatchGroupNorm2d(Synchronized, _BatchNorm):
             f"momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}"
         )
-        return s + (", sync=True" if self.sync else "")
+        return s + self._sync_repr()
 
     def forward(self, input: Tensor) -> Tensor:
         name = type(self).__name__

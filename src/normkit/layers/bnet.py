@@ -181,7 +181,7 @@ class BNET2d(_BatchNormCore):
         )
         if self.zero_init:
             s += ", zero_init=True"
-        return s + (", sync=True" if self.sync else "")
+        return s + self._sync_repr()
 
     def _load_from_state_dict(
         self,

@@ -199,7 +199,7 @@ class _BatchNormCore(Synchronized, _BatchNorm):
         if type(self)._shows_split:
             s += f", split_stats={self.split_stats}"
         s += f", domain_std={self.domain_std}"
-        return s + (", sync=True" if self.sync else "")
+        return s + self._sync_repr()
 
     _shows_affine = True
     _shows_split = True

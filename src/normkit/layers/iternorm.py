@@ -147,7 +147,7 @@ class _IterNorm(Synchronized, nn.Module):
             f"momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}"
         )
-        return s + (", sync=True" if self.sync else "")
+        return s + self._sync_repr()
 
     def _load_from_state_dict(
         self,

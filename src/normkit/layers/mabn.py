@@ -468,7 +468,7 @@ class MovingAverageBatchNorm2d(Synchronized, _BatchNorm):
             f"warmup_iters={self.warmup_iters}, r_clamp_steps={self.r_clamp_steps}, "
             f"r_min={self.r_min}, r_max={self.r_max}"
         )
-        return s + (", sync=True" if self.sync else "")
+        return s + self._sync_repr()
 
     def _load_from_state_dict(
         self,

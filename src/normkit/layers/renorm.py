@@ -106,7 +106,7 @@ class _BatchRenorm(_BatchNormCore):
             f"warmup_steps={self.warmup_steps}, r_max_steps={self.r_max_steps}, "
             f"d_max_steps={self.d_max_steps}"
         )
-        return s + (", sync=True" if self.sync else "")
+        return s + self._sync_repr()
 
     def forward(self, input: Tensor, domain: DomainIndex | None = None) -> Tensor:
         return super().forward(input)

@@ -79,7 +79,7 @@ class _InputNorm(_BatchNormCore):
             f"{self.num_features}, scale={self.scale}, eps={self.eps}, momentum={self.momentum}, "
             f"track_running_stats={self.track_running_stats}"
         )
-        return s + (", sync=True" if self.sync else "")
+        return s + self._sync_repr()
 
     def forward(self, input: Tensor, domain: DomainIndex | None = None) -> Tensor:
         return super().forward(input)
