@@ -45,6 +45,8 @@ __all__ = [
     "affine3",
     "batch_norm_train",
     "centred_moments",
+    "combined_affine",
+    "core_kernel",
     "fast_paths_apply",
     "moment_scale_shift",
     "norm_affine",
@@ -316,6 +318,99 @@ class _NormAffine(torch.autograd.Function):
             cnt = None if groups is None else count
             dx, dw, db = _affine_norm_backward(ctx, gy, x, w, mean_n, invstd, groups, cnt)
         return dx, dw, db, None, None, None
+
+
+def combined_affine(
+    domain: int | Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    domain_weight: Tensor | None,
+    domain_bias: Tensor | None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The shared ``(C,)`` affine followed by the domain's (a row of the ``(K, C)`` tables):
+    ``(C,)`` for an int domain or no domain affine, ``(N, C)`` per sample for an ``(N,)``
+    index; ``(None, None)`` when there is no affine at all."""
+    if domain_weight is None or domain_bias is None:
+        return weight, bias
+    if isinstance(domain, int):
+        g, b = domain_weight[domain], domain_bias[domain]
+    else:
+        g, b = domain_weight.index_select(0, domain), domain_bias.index_select(0, domain)
+    if weight is None or bias is None:
+        return g, b
+    return weight * g, bias * g + b
+
+
+class _CoreKernel(torch.autograd.Function):
+    """The batch-norm core as two calls of normkit's compiled kernel (:mod:`normkit.kernels`):
+    forward ``torch.ops.normkit_kernels.core_forward``, backward ``core_backward``; double
+    backward differentiates the reference composition (:func:`_reference` of the combined
+    affine)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        domain_weight: Tensor | None,
+        domain_bias: Tensor | None,
+        index: Tensor | None,
+        domain: int,
+        groups: int,
+        eps: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        y, mean, var, count = torch.ops.normkit_kernels.core_forward(
+            x, weight, bias, domain_weight, domain_bias, index, domain, groups, eps
+        )
+        ctx.save_for_backward(x, weight, bias, domain_weight, domain_bias, index, mean, var, count)
+        ctx.domain, ctx.groups, ctx.eps = domain, groups, eps
+        ctx.mark_non_differentiable(mean, var, count)
+        return y, mean, var, count
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
+        x, w, b, dw, db, index, mean, var, count = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:5]
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiate the reference composition.
+            leaves = (x, w, b, dw, db)
+            wanted = [t for t, need in zip(leaves, needs) if need and t is not None]
+            with torch.enable_grad():
+                dom: int | Tensor = ctx.domain if index is None else index
+                cw, cb = combined_affine(dom, w, b, dw, db)
+                groups = index if ctx.groups else None
+                y = _reference(x, cw, cb, groups, ctx.groups, ctx.eps)
+                grads = iter(torch.autograd.grad(y, wanted, gy, create_graph=True))
+            out = [next(grads) if need and t is not None else None
+                   for t, need in zip(leaves, needs)]  # fmt: skip
+            return (*out, None, None, None, None)
+        grads = torch.ops.normkit_kernels.core_backward(
+            gy, x, w, b, dw, index, ctx.domain, ctx.groups, mean, var, count, ctx.eps, list(needs)
+        )
+        return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
+
+
+def core_kernel(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    domain_weight: Tensor | None,
+    domain_bias: Tensor | None,
+    domain: int | Tensor,
+    groups: int,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`norm_affine` of the combined affine (:func:`combined_affine`), in normkit's
+    compiled kernel: ``(y, mean, var, count)`` with ``(G, C)`` statistics, ``G = groups`` (the
+    statistics of each domain of the ``(N,)`` index ``domain``) or 1 (``groups == 0``, the
+    whole batch). ``x`` contiguous float32/float64 on the CPU, every tensor in its dtype."""
+    index = domain if isinstance(domain, Tensor) else None
+    dom = domain if isinstance(domain, int) else 0
+    out: tuple[Tensor, Tensor, Tensor, Tensor] = _CoreKernel.apply(
+        x, weight, bias, domain_weight, domain_bias, index, dom, groups, eps
+    )
+    return out
 
 
 def norm_affine(

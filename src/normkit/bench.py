@@ -659,6 +659,8 @@ class BenchConfig:
     threads: int | None = None
     compile_backend: str = "inductor"
     quick: bool = False
+    #: Route the layers through normkit's compiled CPU kernels (:mod:`normkit.kernels`).
+    kernels: bool = False
 
 
 @dataclass
@@ -684,7 +686,7 @@ def _cpu_model() -> str:
 
 def machine_info(devices: Sequence[str] = ("cpu",)) -> dict[str, Any]:
     """Versions, CPU model, thread count and the name of each device used."""
-    from normkit import __version__
+    from normkit import __version__, kernels
 
     names = {}
     for device in devices:
@@ -702,6 +704,7 @@ def machine_info(devices: Sequence[str] = ("cpu",)) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cuda": torch.version.cuda,
         "devices": names,
+        "kernels": kernels.is_enabled(),
     }
 
 
@@ -852,6 +855,22 @@ def _threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+@contextlib.contextmanager
+def _kernels(on: bool) -> Iterator[None]:
+    """normkit's compiled kernels on (or off) for the run, as they were afterwards."""
+    from normkit import kernels
+
+    previous = kernels.is_enabled()
+    if on:
+        kernels.enable()
+    else:
+        kernels.disable()
+    try:
+        yield
+    finally:
+        (kernels.enable if previous else kernels.disable)()
+
+
 def run(
     config: BenchConfig,
     progress: Callable[[int, int, str], None] | None = None,
@@ -869,7 +888,7 @@ def run(
         for mode in config.modes
     ]
     rows: list[Row] = []
-    with _threads(config.threads):
+    with _threads(config.threads), _kernels(config.kernels):
         machine = machine_info(config.devices)
         for done, (device, key, shape, dtype, fmt, mode) in enumerate(groups):
             case = CASES[key]
@@ -955,7 +974,7 @@ def format_table(result: BenchResult) -> str:
     out = [
         f"normkit {machine['normkit']} bench: torch {machine['torch']}, {devices}, "
         f"torch threads: {machine['threads']}, {config.repeats} repeats, "
-        f"{result.seconds:.0f} s",
+        f"normkit kernels: {'on' if config.kernels else 'off'}, {result.seconds:.0f} s",
         "",
         render(header),
         render(["-" * w for w in widths]),
@@ -1054,6 +1073,7 @@ def to_json(result: BenchResult) -> dict[str, Any]:
             "min_time_s": config.min_time,
             "compile_backend": config.compile_backend,
             "quick": config.quick,
+            "kernels": config.kernels,
             "num_domains": NUM_DOMAINS,
         },
         "notes": {"memory": MEMORY_NOTE, "peak": PEAK_NOTE},
@@ -1205,6 +1225,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compile-backend", default="inductor", help="torch.compile backend (default: inductor)"
     )
+    parser.add_argument(
+        "--kernels",
+        action="store_true",
+        help="run normkit's layers through its compiled CPU kernels (normkit.kernels; "
+        "compiled on first use, about 20 s; needs a C++ compiler and ninja)",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the JSON here")
     parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
 
@@ -1226,6 +1252,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         threads=args.threads,
         compile_backend=args.compile_backend,
         quick=quick,
+        kernels=bool(getattr(args, "kernels", False)),
     )
 
 
@@ -1245,6 +1272,13 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run ``normkit bench`` with parsed options: print the table, write ``--json``."""
     config = config_from_args(args)
     path = None if args.json is None else _check_json_path(Path(args.json))
+    if config.kernels:
+        from normkit import kernels
+
+        try:
+            kernels.enable()  # built before the run, so that a failure costs no minutes
+        except kernels.KernelBuildError as exc:
+            raise BenchError(f"--kernels: {exc}") from None
     progress = _progress_printer(not args.no_progress and sys.stderr.isatty())
     result = run(config, progress)
     print(format_table(result), flush=True)

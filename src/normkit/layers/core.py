@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normkit import _fused
+from normkit import _fused, kernels
 from normkit import functional as F
 from normkit._checks import (
     check_batch_values,
@@ -30,6 +30,8 @@ from normkit._checks import (
 )
 from normkit._fused import (
     batch_norm_train,
+    combined_affine,
+    core_kernel,
     fast_paths_apply,
     moment_scale_shift,
     norm_affine,
@@ -264,8 +266,9 @@ class _BatchNormCore(Synchronized, _BatchNorm):
         per_sample = self.split_stats and not isinstance(domain, int)
         large = x.numel() >= _fused.MOMENT_PATH_MIN_NUMEL
         # Small whole-batch inputs: ATen's batch norm is two operator calls, where the
-        # closed-form function's dozens of small ones cost more than its faster passes save.
-        if x.dim() > 2 and (per_sample or (large and x.is_contiguous())):
+        # closed-form function's dozens of small ones cost more than its faster passes save
+        # (normkit's compiled kernel, when enabled, is one call at every size).
+        if x.dim() > 2 and (per_sample or kernels.applies(x) or (large and x.is_contiguous())):
             return self._fast_norm_affine(x, domain, params)
         if per_sample and isinstance(domain, Tensor):  # (N, C) inputs
             return self._fast_split_forward(x, domain, params) if large else None
@@ -276,7 +279,10 @@ class _BatchNormCore(Synchronized, _BatchNorm):
     ) -> Tensor:
         """Contiguous input: statistics from per-(sample, channel) moments (of the whole batch,
         or per domain with per-sample split statistics), the folded affine in one pass, and a
-        closed-form backward (:func:`normkit._fused.norm_affine`)."""
+        closed-form backward (:func:`normkit._fused.norm_affine`), or all of it in normkit's
+        compiled kernel where it is enabled and applies (:mod:`normkit.kernels`)."""
+        if kernels.applies(x):
+            return self._kernel_forward(x, domain, params)
         weight, bias = self._combined_affine(domain, *params)
         pdtype = F.stats_dtype(x.dtype)
         w = None if weight is None else weight.to(pdtype)
@@ -289,6 +295,33 @@ class _BatchNormCore(Synchronized, _BatchNorm):
             return y
         y, mean, var, _ = norm_affine(x, w, b, self.eps)
         self._track_whole_batch(mean, var, domain, x)
+        return y
+
+    def _kernel_forward(
+        self, x: Tensor, domain: DomainIndex, params: tuple[Tensor | None, ...]
+    ) -> Tensor:
+        """:meth:`_fast_norm_affine` as one call of the compiled kernel each way
+        (:func:`normkit._fused.core_kernel`), the affines passed as they are."""
+        w, b, dw, db = (p if p is None or p.dtype == x.dtype else p.to(x.dtype)
+                        for p in params)  # fmt: skip
+        per_sample = self.split_stats and isinstance(domain, Tensor)
+        groups = self.num_domains if per_sample else 0
+        y, mean, var, count = core_kernel(x, w, b, dw, db, domain, groups, self.eps)
+        if self.training and self.running_mean is not None:
+            assert self.running_var is not None and self.num_batches_tracked is not None
+            # One row of statistics per domain, or the whole batch's for the (C,) buffers or
+            # for one domain's row of split buffers.
+            row = domain if self.split_stats and isinstance(domain, int) else -1
+            momentum = -1.0 if self.momentum is None else self.momentum
+            buffers = (self.running_mean, self.running_var, self.num_batches_tracked)
+            if all(t.dtype == mean.dtype for t in buffers[:2]):
+                spatial = x.numel() // (x.shape[0] * x.shape[1])
+                kernels.track_(*buffers, mean, var, count * spatial, row, momentum)
+            elif per_sample:
+                spatial = x.numel() // (x.shape[0] * x.shape[1])
+                self._update_running(mean, var, count * spatial)
+            else:
+                self._track_whole_batch(mean[0], var[0], domain, x)
         return y
 
     def _affines(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
@@ -307,15 +340,7 @@ class _BatchNormCore(Synchronized, _BatchNorm):
     ) -> tuple[Tensor | None, Tensor | None]:
         """The shared affine followed by the domain's: ``(C,)`` for an int domain or no domain
         affine, ``(N, C)`` per sample; ``(None, None)`` when there is no affine at all."""
-        if domain_weight is None or domain_bias is None:
-            return weight, bias
-        if isinstance(domain, int):
-            g, b = domain_weight[domain], domain_bias[domain]
-        else:
-            g, b = domain_weight.index_select(0, domain), domain_bias.index_select(0, domain)
-        if weight is None or bias is None:
-            return g, b
-        return weight * g, bias * g + b
+        return combined_affine(domain, weight, bias, domain_weight, domain_bias)
 
     def _fold(
         self, mean: Tensor, var: Tensor, domain: DomainIndex, *params: Tensor | None

@@ -1,0 +1,358 @@
+// normkit's CPU kernel for the batch-norm core (normkit.layers.core): batch statistics of a
+// contiguous (N, C, *S) input, over the whole batch or per group of samples, and one folded
+// per-(sample, channel) affine, forward and closed-form backward, each in two passes over the
+// activation. Built on demand by normkit.kernels; the PyTorch path in normkit._fused is the
+// specification, and tests/test_kernels.py checks this file against it in float64.
+//
+// With x̂ = (x − μ_g) / sqrt(σ²_g + eps) (g the sample's statistics group: 0 for the whole
+// batch, or its domain), k the sample's domain, γ, β the optional shared (C,) affine and
+// γ_k, β_k the optional per-domain (K, C) affine:
+//
+//     y = γ_k ⊙ (γ ⊙ x̂ + β) + β_k = a[n, c] · x + b[n, c].
+//
+// Statistics: per (sample, channel) plane, shifted sums of x − x[n, c, 0] in float lanes
+// flushed to double every kChunk values; planes merged per group in double (Chan's formula).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+constexpr int64_t kChunk = 4096;
+
+// Σ (p[i] − f) and Σ (p[i] − f)² over one plane, in double.
+template <typename T>
+void plane_sums(const T* p, int64_t s, T f, double& sum, double& sq) {
+  sum = 0.0;
+  sq = 0.0;
+  for (int64_t start = 0; start < s; start += kChunk) {
+    const int64_t end = std::min(s, start + kChunk);
+    T a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+    for (int64_t i = start; i < end; ++i) {
+      const T d = p[i] - f;
+      a += d;
+      b += d * d;
+    }
+    sum += static_cast<double>(a);
+    sq += static_cast<double>(b);
+  }
+}
+
+// Σ g and Σ g · (x − m) over one plane, in double.
+template <typename T>
+void grad_sums(const T* g, const T* x, int64_t s, T m, double& sa, double& sp) {
+  sa = 0.0;
+  sp = 0.0;
+  for (int64_t start = 0; start < s; start += kChunk) {
+    const int64_t end = std::min(s, start + kChunk);
+    T a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+    for (int64_t i = start; i < end; ++i) {
+      a += g[i];
+      b += g[i] * (x[i] - m);
+    }
+    sa += static_cast<double>(a);
+    sp += static_cast<double>(b);
+  }
+}
+
+struct Layout {
+  int64_t n, c, s, k, groups;
+};
+
+Layout check_args(const Tensor& x, const optional<Tensor>& index, int64_t groups) {
+  TORCH_CHECK(x.dim() > 2 && x.is_contiguous(), "normkit core kernel: contiguous (N, C, *S) input");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "normkit core kernel: float32 or float64 input");
+  const int64_t n = x.size(0), c = x.size(1);
+  const int64_t s = n * c == 0 ? 0 : x.numel() / (n * c);
+  if (index.has_value()) {
+    TORCH_CHECK(index->scalar_type() == at::kLong && index->dim() == 1 && index->size(0) == n &&
+                    index->is_contiguous(),
+                "normkit core kernel: index of shape (N,), int64");
+  }
+  TORCH_CHECK(groups == 0 || index.has_value(), "normkit core kernel: groups need an index");
+  return {n, c, s, 0, groups};
+}
+
+template <typename T>
+const T* ptr_or_null(const optional<Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+// Per-(sample) domain and statistics group.
+struct Index {
+  const int64_t* idx;
+  int64_t domain;
+  bool split;
+  int64_t k(int64_t n) const { return idx ? idx[n] : domain; }
+  int64_t g(int64_t n) const { return split ? idx[n] : 0; }
+};
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(
+    const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
+    const optional<Tensor>& dweight, const optional<Tensor>& dbias, const optional<Tensor>& index,
+    int64_t domain, int64_t groups, double eps) {
+  const Layout l = check_args(x, index, groups);
+  const int64_t n = l.n, c = l.c, s = l.s;
+  const int64_t ng = groups > 0 ? groups : 1;
+  auto opts = x.options();
+  Tensor y = at::empty_like(x);
+  Tensor mean = at::zeros({ng, c}, opts);
+  Tensor var = at::zeros({ng, c}, opts);
+  Tensor count = at::zeros({ng}, opts);
+  const Index ix{index.has_value() ? index->data_ptr<int64_t>() : nullptr, domain, groups > 0};
+  std::vector<int64_t> cnt(ng, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t g = ix.g(i);
+    TORCH_CHECK(g >= 0 && g < ng, "normkit core kernel: group index out of range");
+    cnt[g] += 1;
+  }
+  T* cp = count.data_ptr<T>();
+  for (int64_t g = 0; g < ng; ++g) cp[g] = static_cast<T>(cnt[g]);
+  const T* xp = x.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  T* mp = mean.data_ptr<T>();
+  T* vp = var.data_ptr<T>();
+  const T* w = ptr_or_null<T>(weight);
+  const T* b = ptr_or_null<T>(bias);
+  const T* dw = ptr_or_null<T>(dweight);
+  const T* db = ptr_or_null<T>(dbias);
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, n * s));
+  at::parallel_for(0, c, grain, [&](int64_t c0, int64_t c1) {
+    std::vector<double> pm(n), pq(n), gm(ng), gq(ng), inv(ng);
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      // Plane moments: mean and centred sum of squares.
+      for (int64_t i = 0; i < n; ++i) {
+        const T* p = xp + (i * c + ch) * s;
+        double sum, sq;
+        plane_sums<T>(p, s, p[0], sum, sq);
+        pm[i] = static_cast<double>(p[0]) + sum / s;
+        pq[i] = std::max(0.0, sq - sum * sum / s);
+      }
+      std::fill(gm.begin(), gm.end(), 0.0);
+      std::fill(gq.begin(), gq.end(), 0.0);
+      for (int64_t i = 0; i < n; ++i) gm[ix.g(i)] += pm[i];
+      for (int64_t g = 0; g < ng; ++g) gm[g] /= std::max<int64_t>(cnt[g], 1);
+      for (int64_t i = 0; i < n; ++i) {
+        const double d = pm[i] - gm[ix.g(i)];
+        gq[ix.g(i)] += pq[i] + s * d * d;
+      }
+      for (int64_t g = 0; g < ng; ++g) {
+        const double v = gq[g] / (std::max<int64_t>(cnt[g], 1) * s);
+        mp[g * c + ch] = static_cast<T>(gm[g]);
+        vp[g * c + ch] = static_cast<T>(v);
+        // invstd from the stored (rounded) variance, as the reference computes it.
+        inv[g] = 1.0 / std::sqrt(static_cast<double>(static_cast<T>(v)) + eps);
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t g = ix.g(i), k = ix.k(i);
+        const double mu = static_cast<double>(static_cast<T>(gm[g]));
+        double a = inv[g], sh = -mu * inv[g];
+        if (w) {
+          sh = sh * w[ch] + b[ch];
+          a *= w[ch];
+        }
+        if (dw) {
+          sh = sh * dw[k * c + ch] + db[k * c + ch];
+          a *= dw[k * c + ch];
+        }
+        const T at = static_cast<T>(a), bt = static_cast<T>(sh);
+        const T* p = xp + (i * c + ch) * s;
+        T* q = yp + (i * c + ch) * s;
+#pragma omp simd
+        for (int64_t j = 0; j < s; ++j) q[j] = at * p[j] + bt;
+      }
+    }
+  });
+  return {y, mean, var, count};
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
+    const Tensor& gy_in, const Tensor& x, const optional<Tensor>& weight,
+    const optional<Tensor>& bias, const optional<Tensor>& dweight, const optional<Tensor>& index,
+    int64_t domain, int64_t groups, const Tensor& mean, const Tensor& var,
+    const Tensor& count, double eps, std::array<bool, 5> mask) {
+  const Layout l = check_args(x, index, groups);
+  const int64_t n = l.n, c = l.c, s = l.s;
+  const int64_t ng = groups > 0 ? groups : 1;
+  const Tensor gy = gy_in.contiguous();
+  const int64_t kd = dweight.has_value() ? dweight->size(0) : 0;
+  auto opts = x.options();
+  Tensor dx = mask[0] ? at::empty_like(x) : Tensor();
+  Tensor gw = mask[1] && weight.has_value() ? at::empty({c}, opts) : Tensor();
+  Tensor gb = mask[2] && weight.has_value() ? at::empty({c}, opts) : Tensor();
+  Tensor gdw = mask[3] && kd ? at::zeros({kd, c}, opts) : Tensor();
+  Tensor gdb = mask[4] && kd ? at::zeros({kd, c}, opts) : Tensor();
+  const Index ix{index.has_value() ? index->data_ptr<int64_t>() : nullptr, domain, groups > 0};
+  const T* xp = x.data_ptr<T>();
+  const T* gp = gy.data_ptr<T>();
+  T* dxp = mask[0] ? dx.data_ptr<T>() : nullptr;
+  const T* mp = mean.data_ptr<T>();
+  const T* vp = var.data_ptr<T>();
+  const T* cp = count.data_ptr<T>();
+  const T* w = ptr_or_null<T>(weight);
+  const T* b = ptr_or_null<T>(bias);
+  const T* dw = ptr_or_null<T>(dweight);
+  T* gwp = gw.defined() ? gw.data_ptr<T>() : nullptr;
+  T* gbp = gb.defined() ? gb.data_ptr<T>() : nullptr;
+  T* gdwp = gdw.defined() ? gdw.data_ptr<T>() : nullptr;
+  T* gdbp = gdb.defined() ? gdb.data_ptr<T>() : nullptr;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, n * s));
+  at::parallel_for(0, c, grain, [&](int64_t c0, int64_t c1) {
+    std::vector<double> sa(ng), sb(ng), inv(ng);
+    std::vector<double> pa(n), pb(n), tot(n);
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      for (int64_t g = 0; g < ng; ++g) {
+        inv[g] = 1.0 / std::sqrt(static_cast<double>(vp[g * c + ch]) + eps);
+        sa[g] = 0.0;
+        sb[g] = 0.0;
+      }
+      double sw = 0.0, sbias = 0.0;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t g = ix.g(i), k = ix.k(i);
+        double a, p;
+        grad_sums<T>(gp + (i * c + ch) * s, xp + (i * c + ch) * s, s, mp[g * c + ch], a, p);
+        const double bb = p * inv[g];  // Σ g · x̂
+        const double gk = dw ? static_cast<double>(dw[k * c + ch]) : 1.0;
+        const double wc = w ? static_cast<double>(w[ch]) : 1.0;
+        if (gdwp) gdwp[k * c + ch] += static_cast<T>(w ? wc * bb + b[ch] * a : bb);
+        if (gdbp) gdbp[k * c + ch] += static_cast<T>(a);
+        sw += gk * bb;
+        sbias += gk * a;
+        tot[i] = wc * gk;  // the total scale on x̂
+        sa[g] += tot[i] * a;
+        sb[g] += tot[i] * bb;
+      }
+      if (gwp) gwp[ch] = static_cast<T>(sw);
+      if (gbp) gbp[ch] = static_cast<T>(sbias);
+      if (!dxp) continue;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t g = ix.g(i);
+        const double m = -1.0 / (static_cast<double>(cp[g]) * s);
+        const double beta = inv[g] * inv[g] * sb[g] * m;
+        const double gamma = inv[g] * sa[g] * m - static_cast<double>(mp[g * c + ch]) * beta;
+        const T al = static_cast<T>(inv[g] * tot[i]), be = static_cast<T>(beta),
+                ga = static_cast<T>(gamma);
+        const T* gpp = gp + (i * c + ch) * s;
+        const T* xpp = xp + (i * c + ch) * s;
+        T* q = dxp + (i * c + ch) * s;
+#pragma omp simd
+        for (int64_t j = 0; j < s; ++j) q[j] = al * gpp[j] + be * xpp[j] + ga;
+      }
+    }
+  });
+  return {dx, gw, gb, gdw, gdb};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> core_forward(
+    const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
+    const optional<Tensor>& dweight, const optional<Tensor>& dbias, const optional<Tensor>& index,
+    int64_t domain, int64_t groups, double eps) {
+  if (x.scalar_type() == at::kDouble) {
+    return forward_impl<double>(x, weight, bias, dweight, dbias, index, domain, groups, eps);
+  }
+  return forward_impl<float>(x, weight, bias, dweight, dbias, index, domain, groups, eps);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> core_backward(
+    const Tensor& gy, const Tensor& x, const optional<Tensor>& weight,
+    const optional<Tensor>& bias, const optional<Tensor>& dweight, const optional<Tensor>& index,
+    int64_t domain, int64_t groups, const Tensor& mean, const Tensor& var, const Tensor& count,
+    double eps, std::array<bool, 5> mask) {
+  if (x.scalar_type() == at::kDouble) {
+    return backward_impl<double>(gy, x, weight, bias, dweight, index, domain, groups, mean, var,
+                                 count, eps, mask);
+  }
+  return backward_impl<float>(gy, x, weight, bias, dweight, index, domain, groups, mean, var,
+                              count, eps, mask);
+}
+
+// running ← lerp(running, batch, f) with the unbiased batch variance, as torch's lerp_ computes
+// it, for one row of (R, C) buffers (R = num_batches_tracked.numel()); skipped for rows with at
+// most one value and for channels whose statistics are not finite (normkit._stats.track_batch_).
+template <typename T>
+void track_row(T* rm, T* rv, int64_t* nbt, const T* mean, const T* var, double values,
+               double momentum, int64_t c) {
+  if (values <= 1.0) return;
+  *nbt += 1;
+  const T f = static_cast<T>(momentum < 0 ? 1.0 / static_cast<double>(std::max<int64_t>(*nbt, 1))
+                                          : momentum);
+  const T corr = static_cast<T>(values / (values - 1.0));
+  auto lerp = [f](T a, T b) { return f < T(0.5) ? a + f * (b - a) : b - (b - a) * (T(1) - f); };
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const T v = var[ch] * corr;
+    if (!std::isfinite(mean[ch] + v)) continue;
+    if (rm) rm[ch] = lerp(rm[ch], mean[ch]);
+    rv[ch] = lerp(rv[ch], v);
+  }
+}
+
+// Rows of (G, C) batch statistics over count[g] values each: row g updates buffer row g, or,
+// with row >= 0, the single statistics row updates buffer row `row`.
+void track_(const optional<Tensor>& running_mean, const Tensor& running_var,
+            const Tensor& num_batches_tracked, const Tensor& mean, const Tensor& var,
+            const Tensor& count, int64_t row, double momentum) {
+  const int64_t c = mean.size(-1);
+  const int64_t rows = num_batches_tracked.numel();
+  const int64_t g = mean.numel() / c;
+  TORCH_CHECK(running_var.is_contiguous() && running_var.numel() == rows * c &&
+                  mean.is_contiguous() && var.is_contiguous() && count.is_contiguous() &&
+                  count.numel() == g && num_batches_tracked.scalar_type() == at::kLong &&
+                  running_var.scalar_type() == mean.scalar_type() &&
+                  var.scalar_type() == mean.scalar_type() &&
+                  count.scalar_type() == mean.scalar_type(),
+              "normkit track_: unexpected buffers or statistics");
+  TORCH_CHECK(row >= 0 ? (g == 1 && row < rows) : g == rows, "normkit track_: rows");
+  if (running_mean.has_value()) {
+    TORCH_CHECK(running_mean->is_contiguous() && running_mean->numel() == rows * c &&
+                    running_mean->scalar_type() == mean.scalar_type(),
+                "normkit track_: running_mean");
+  }
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "normkit_track_", [&] {
+    scalar_t* rm = running_mean.has_value() ? running_mean->data_ptr<scalar_t>() : nullptr;
+    scalar_t* rv = running_var.data_ptr<scalar_t>();
+    int64_t* nbt = num_batches_tracked.data_ptr<int64_t>();
+    const scalar_t* mp = mean.data_ptr<scalar_t>();
+    const scalar_t* vp = var.data_ptr<scalar_t>();
+    const scalar_t* cp = count.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < g; ++i) {
+      const int64_t r = row >= 0 ? row : i;
+      track_row<scalar_t>(rm ? rm + r * c : nullptr, rv + r * c, nbt + r, mp + i * c, vp + i * c,
+                          static_cast<double>(cp[i]), momentum, c);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(normkit_kernels, m) {
+  m.def(
+      "core_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? dweight, Tensor? dbias, "
+      "Tensor? index, int domain, int groups, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "core_backward(Tensor gy, Tensor x, Tensor? weight, Tensor? bias, Tensor? dweight, "
+      "Tensor? index, int domain, int groups, Tensor mean, Tensor var, Tensor count, float eps, "
+      "bool[5] mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "track_(Tensor(a!)? running_mean, Tensor(b!) running_var, Tensor(c!) num_batches_tracked, "
+      "Tensor mean, Tensor var, Tensor count, int row, float momentum) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(normkit_kernels, CPU, m) {
+  m.impl("core_forward", &core_forward);
+  m.impl("core_backward", &core_backward);
+  m.impl("track_", &track_);
+}

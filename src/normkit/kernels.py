@@ -1,0 +1,179 @@
+"""normkit's own compiled CPU kernels: optional, built on demand, off by default.
+
+The layers run on pure PyTorch everywhere. On a machine with a C++ compiler (and ninja),
+:func:`enable` compiles ``normkit/csrc/core.cpp`` once with ``torch.utils.cpp_extension``
+(about 20 s; later processes load the cached build in well under a second), registers its
+operators with the dispatcher as ``torch.ops.normkit_kernels.*``, and turns them on: from then
+on the eager training forward and backward of the batch-norm core (Sandwich BN, CCBN, AuxBN,
+:class:`normkit.SyncBatchNorm` without a process group, InputNorm, BNET's normalization) on
+contiguous float32 and float64 CPU inputs of rank 3 to 5 each run as one operator call instead
+of dozens. Everything else (other layouts and dtypes, GPU tensors, eval, synchronized
+statistics, ``torch.compile``/``torch.export`` tracing) keeps the PyTorch path.
+
+The kernel computes the same function as the PyTorch path (``tests/test_kernels.py`` checks it
+to 1e-10 in float64, forward, backward and double backward, for every configuration of the
+core). Its statistics are per-(sample, channel) shifted sums merged per channel in double
+precision.
+
+Example::
+
+    >>> import normkit.kernels
+    >>> normkit.kernels.enable()      # compiles on first use; raises if it cannot
+    >>> normkit.kernels.is_enabled()
+    True
+
+``NORMKIT_KERNELS=1`` in the environment calls :func:`enable` when normkit is imported (and
+fails the import if the build fails, rather than silently running the slower path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import sysconfig
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["KernelBuildError", "disable", "enable", "is_available", "is_enabled", "source"]
+
+
+class KernelBuildError(RuntimeError):
+    """The kernels could not be compiled or loaded (no compiler, no ninja, a build error)."""
+
+
+_SOURCE = Path(__file__).parent / "csrc" / "core.cpp"
+_FLAGS = ["-O3", "-fopenmp", "-march=native"]
+
+_loaded = False
+_enabled = False
+
+
+def source() -> Path:
+    """The C++ source of the kernels."""
+    return _SOURCE
+
+
+def _build_name() -> str:
+    """A build name unique to the source, the flags, torch and this CPU: ``-march=native``
+    code must never be loaded on another machine sharing the same cache directory."""
+    cpu = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu += next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    key = "|".join([_SOURCE.read_text(encoding="utf-8"), " ".join(_FLAGS), torch.__version__, cpu])
+    return "normkit_kernels_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _find_ninja() -> None:
+    """Put the ninja of this Python's environment (``pip install ninja``, the ``kernels``
+    extra) on ``PATH`` when none is there: a virtual environment's scripts are not on ``PATH``
+    unless it is activated, and torch's builder looks for ninja there."""
+    if shutil.which("ninja") is not None:
+        return
+    scripts = Path(sysconfig.get_path("scripts"))
+    if (scripts / "ninja").exists():
+        os.environ["PATH"] = os.pathsep.join([str(scripts), os.environ.get("PATH", "")])
+
+
+def _registered() -> bool:
+    """Whether this process already holds the operators (a build loaded earlier, by this
+    module or by hand)."""
+    return hasattr(torch.ops.normkit_kernels, "core_forward")
+
+
+def _load(verbose: bool = False) -> None:
+    global _loaded
+    if _loaded:
+        return
+    if _registered():
+        _loaded = True
+        return
+    try:
+        from torch.utils import cpp_extension
+
+        _find_ninja()
+        cpp_extension.load(
+            name=_build_name(),
+            sources=[str(_SOURCE)],
+            extra_cflags=_FLAGS,
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=verbose,
+        )
+    except Exception as exc:  # compiler, ninja, headers: all mean "not available here"
+        raise KernelBuildError(
+            f"normkit.kernels: could not build the CPU kernels ({type(exc).__name__}: {exc}); "
+            "the layers keep their PyTorch path"
+        ) from exc
+    _loaded = True
+
+
+def enable(verbose: bool = False) -> None:
+    """Compile (on first use) and load the kernels, and route the layers through them.
+
+    Raises :class:`KernelBuildError` when they cannot be built here; nothing changes then.
+    """
+    global _enabled
+    _load(verbose)
+    _enabled = True
+
+
+def disable() -> None:
+    """Route the layers through the PyTorch path again (the loaded kernels stay loaded)."""
+    global _enabled
+    _enabled = False
+
+
+def is_enabled() -> bool:
+    """Whether the layers currently use the kernels where they apply."""
+    return _enabled
+
+
+def is_available(verbose: bool = False) -> bool:
+    """Whether the kernels can be loaded here (compiling them if needed), without enabling."""
+    try:
+        _load(verbose)
+    except KernelBuildError:
+        return False
+    return True
+
+
+def applies(x: Tensor) -> bool:
+    """Whether an enabled kernel takes the training forward of ``x``: a contiguous float32 or
+    float64 CPU tensor of rank 3 to 5 (the caller has checked everything else)."""
+    return (
+        _enabled
+        and x.device.type == "cpu"
+        and 2 < x.dim() < 6
+        and (x.dtype == torch.float32 or x.dtype == torch.float64)
+        and x.is_contiguous()
+    )
+
+
+def track_(
+    running_mean: Tensor | None,
+    running_var: Tensor,
+    num_batches_tracked: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    values: Tensor,
+    row: int,
+    momentum: float,
+) -> None:
+    """:func:`normkit._stats.track_batch_` in one call: fold ``(G, C)`` biased batch moments over
+    ``values[g]`` values each into the running buffers (row ``g`` into buffer row ``g``, or the
+    single row into buffer row ``row`` when ``row >= 0``); ``momentum < 0`` is the cumulative
+    average. Buffers and statistics share one dtype."""
+    torch.ops.normkit_kernels.track_(
+        running_mean, running_var, num_batches_tracked, mean, var, values, row, momentum
+    )
+
+
+if os.environ.get("NORMKIT_KERNELS", "") not in ("", "0"):
+    enable()

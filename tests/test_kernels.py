@@ -1,0 +1,215 @@
+"""normkit's compiled CPU kernels (:mod:`normkit.kernels`) equal the PyTorch path.
+
+The kernels are built here (the test environment has a C++ compiler and ninja; the first build
+takes about 20 s and is cached). Every batch-norm-core configuration of the layer table runs
+with the kernels on against its reference path (``fast = False``) in float64 to 1e-10: output,
+input and parameter gradients, and every buffer after the update; double backward, gradcheck,
+the running-statistics rules (cumulative momentum, non-finite batches, rows with one value) and
+the routing (which inputs the kernel takes) are checked separately.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+from torch.autograd import gradcheck, gradgradcheck
+
+import normkit as nk
+from normkit import _fused, kernels
+from normkit.layers import core
+from normkit.layers.core import _BatchNormCore
+from normkit.layers.renorm import _BatchRenorm
+from tests.layer_table import LAYERS, layer_params
+from tests.test_fast_paths import EXTRA, _compare
+
+F64 = torch.float64
+RECORDS = [r for r in [*LAYERS, *EXTRA] if issubclass(r.cls, _BatchNormCore)]
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """The kernels on for one test (off again afterwards); the list counts the layers' calls of
+    the kernel function."""
+    kernels.enable()
+    calls: list[int] = []
+    real = core.core_kernel
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core, "core_kernel", counting)
+    try:
+        yield calls
+    finally:
+        kernels.disable()
+
+
+@pytest.mark.parametrize(("record", "kind"), layer_params(RECORDS))
+def test_kernel_equals_reference(record: Any, kind: str | None, kernel_calls: list[int]) -> None:
+    _compare(record, kind)
+    # Every configuration with a rank-3 to rank-5 input reaches the kernel, except batch
+    # renormalization, whose r and d are functions of the batch statistics (its own path).
+    renorm = issubclass(record.cls, _BatchRenorm)
+    assert bool(kernel_calls) == (len(record.shapes[0]) > 2 and not renorm)
+
+
+@pytest.mark.parametrize(("record", "kind"), layer_params([r for r in RECORDS if r.is_4d]))
+def test_channels_last_keeps_the_pytorch_path(
+    record: Any, kind: str | None, kernel_calls: list[int]
+) -> None:
+    _compare(record, kind, channels_last=True)
+    assert not kernel_calls
+
+
+def _tables(c: int, k: int, shared: bool, domain: bool) -> list[Tensor | None]:
+    g = torch.Generator().manual_seed(3)
+
+    def param(*shape: int, centre: float) -> Tensor:
+        return (torch.randn(*shape, generator=g, dtype=F64) * 0.5 + centre).requires_grad_()
+
+    w = param(c, centre=1.0) if shared else None
+    b = param(c, centre=0.0) if shared else None
+    dw = param(k, c, centre=1.0) if domain else None
+    db = param(k, c, centre=0.0) if domain else None
+    return [w, b, dw, db]
+
+
+@pytest.mark.parametrize("groups", [0, 3])
+@pytest.mark.parametrize("parts", ["shared", "domain", "both", "none"])
+def test_kernel_function_gradcheck_and_gradgradcheck(
+    groups: int, parts: str, kernel_calls: list[int]
+) -> None:
+    shared, domain = parts in ("shared", "both"), parts in ("domain", "both")
+    x = (torch.randn(5, 3, 2, 3, dtype=F64) * 2 + 3).requires_grad_()
+    params = _tables(3, 3, shared, domain)
+    index = torch.tensor([0, 2, 2, 0, 2])  # domain 1 absent: an empty group
+
+    def fn(x: Tensor, *p: Tensor | None) -> Tensor:
+        return _fused.core_kernel(x, *p, index, groups, 1e-5)[0]
+
+    inputs = (x, *params)
+    assert gradcheck(fn, inputs)
+    assert gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("groups", [0, 3])
+def test_kernel_function_equals_the_written_out_formula(groups: int) -> None:
+    """Against the formula in float64, independently of the layers: the statistics of each
+    group (or of the whole batch), the shared then the per-domain affine; and the returned
+    statistics and counts."""
+    kernels.enable()
+    try:
+        x = torch.randn(6, 4, 3, 5, dtype=F64) * 3 + 5
+        w, b, dw, db = (p.detach() for p in _tables(4, 3, True, True))  # type: ignore[union-attr]
+        index = torch.tensor([0, 2, 2, 0, 0, 2])
+        y, mean, var, count = _fused.core_kernel(x, w, b, dw, db, index, groups, 1e-5)
+    finally:
+        kernels.disable()
+    if groups:
+        stats = [x[index == k] for k in range(3)]
+        want_mean = torch.stack([s.mean((0, 2, 3)) if len(s) else x.new_zeros(4) for s in stats])
+        want_var = torch.stack(
+            [s.var((0, 2, 3), correction=0) if len(s) else x.new_zeros(4) for s in stats]
+        )
+        want_count = torch.tensor([3.0, 0.0, 3.0], dtype=F64)
+        mu, v = want_mean[index], want_var[index]
+    else:
+        want_var, want_mean = torch.var_mean(x, (0, 2, 3), correction=0)
+        want_mean, want_var = want_mean[None], want_var[None]
+        want_count = torch.tensor([6.0], dtype=F64)
+        mu, v = want_mean.expand(6, 4), want_var.expand(6, 4)
+    xhat = (x - mu[..., None, None]) / torch.sqrt(v[..., None, None] + 1e-5)
+    z = xhat * w[:, None, None] + b[:, None, None]
+    want = z * dw[index][..., None, None] + db[index][..., None, None]
+    for got, ref in ((y, want), (mean, want_mean), (var, want_var), (count, want_count)):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_float32_kernel_is_close_to_float64(kernel_calls: list[int]) -> None:
+    """Float32 statistics from per-plane shifted sums merged in double: close to the float64
+    result even for a mean far from zero."""
+    layer = nk.SandwichBatchNorm2d(8, 3).train()
+    x = torch.randn(4, 8, 16, 16) * 0.1 + 1000.0
+    domain = torch.tensor([0, 1, 2, 1])
+    y = layer(x, domain)
+    want = copy.deepcopy(layer).to(F64).train()
+    want.running_mean.zero_()
+    want.running_var.fill_(1.0)
+    want.num_batches_tracked.zero_()
+    ref = want(x.to(F64), domain)
+    torch.testing.assert_close(y.to(F64), ref, rtol=0, atol=2e-3)
+    torch.testing.assert_close(layer.running_var.to(F64), want.running_var, rtol=1e-4, atol=0)
+    assert kernel_calls
+
+
+def test_running_statistics_skip_non_finite_channels(kernel_calls: list[int]) -> None:
+    layer = nk.SandwichBatchNorm2d(3, 2, split_stats=True).to(F64).train()
+    ref = copy.deepcopy(layer)
+    ref.fast = False
+    x = torch.randn(4, 3, 2, 2, dtype=F64)
+    x[1, 0, 0, 0] = float("nan")  # domain 1, channel 0
+    domain = torch.tensor([0, 1, 1, 0])
+    layer(x, domain)
+    ref(x, domain)
+    assert torch.equal(layer.running_mean[1, 0], torch.zeros((), dtype=F64))
+    for name, buffer in layer.named_buffers():
+        torch.testing.assert_close(buffer, dict(ref.named_buffers())[name], equal_nan=True)
+    assert kernel_calls
+
+
+def test_a_domain_with_one_value_keeps_its_buffers(kernel_calls: list[int]) -> None:
+    layer = nk.AuxBatchNorm1d(3, 3).to(F64).train()
+    x = torch.randn(3, 3, 1, dtype=F64)  # one value per channel and sample
+    domain = torch.tensor([0, 0, 2])  # domain 2: one value; domain 1: none
+    layer(x, domain)
+    assert layer.num_batches_tracked.tolist() == [1, 0, 0]
+    assert torch.equal(layer.running_var[2], torch.ones(3, dtype=F64))
+    assert kernel_calls
+
+
+def test_off_by_default_and_switchable() -> None:
+    assert not kernels.is_enabled()
+    x = torch.randn(2, 3, 4, 4)
+    assert not kernels.applies(x)
+    kernels.enable()
+    try:
+        assert kernels.is_enabled() and kernels.applies(x)
+        assert not kernels.applies(x.to(torch.bfloat16))
+        assert not kernels.applies(x.contiguous(memory_format=torch.channels_last))
+        assert not kernels.applies(x[:, :, 0, 0])  # (N, C)
+        assert not kernels.applies(x.to("meta"))
+    finally:
+        kernels.disable()
+    assert not kernels.applies(x)
+
+
+def test_eval_and_compile_tracing_keep_the_pytorch_path(kernel_calls: list[int]) -> None:
+    layer = nk.SandwichBatchNorm2d(3, 2)
+    x, domain = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 1, 0])
+    layer.eval()(x, domain)
+    assert not kernel_calls
+    layer.train()
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    compiled(x, domain)
+    assert not kernel_calls
+
+
+def test_a_failed_build_raises_and_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.utils import cpp_extension
+
+    def failing(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(kernels, "_loaded", False)
+    monkeypatch.setattr(kernels, "_registered", lambda: False)
+    monkeypatch.setattr(cpp_extension, "load", failing)
+    with pytest.raises(kernels.KernelBuildError, match="no compiler"):
+        kernels.enable()
+    assert not kernels.is_enabled()
+    assert not kernels.is_available()
