@@ -341,56 +341,6 @@ def combined_affine(
     return weight * g, bias * g + b
 
 
-class _CoreKernel(torch.autograd.Function):
-    """The batch-norm core as two calls of normkit's compiled kernel (:mod:`normkit.kernels`):
-    forward ``torch.ops.normkit_kernels.core_forward``, backward ``core_backward``; double
-    backward differentiates the reference composition (:func:`_reference` of the combined
-    affine)."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        domain_weight: Tensor | None,
-        domain_bias: Tensor | None,
-        index: Tensor | None,
-        domain: int,
-        groups: int,
-        eps: float,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        y, mean, var, count = torch.ops.normkit_kernels.core_forward(
-            x, weight, bias, domain_weight, domain_bias, index, domain, groups, eps
-        )
-        ctx.save_for_backward(x, weight, bias, domain_weight, domain_bias, index, mean, var, count)
-        ctx.domain, ctx.groups, ctx.eps = domain, groups, eps
-        ctx.mark_non_differentiable(mean, var, count)
-        return y, mean, var, count
-
-    @staticmethod
-    def backward(ctx: Any, gy: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
-        x, w, b, dw, db, index, mean, var, count = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:5]
-        if torch.is_grad_enabled():
-            # create_graph=True: differentiate the reference composition.
-            leaves = (x, w, b, dw, db)
-            wanted = [t for t, need in zip(leaves, needs) if need and t is not None]
-            with torch.enable_grad():
-                dom: int | Tensor = ctx.domain if index is None else index
-                cw, cb = combined_affine(dom, w, b, dw, db)
-                groups = index if ctx.groups else None
-                y = _reference(x, cw, cb, groups, ctx.groups, ctx.eps)
-                grads = iter(torch.autograd.grad(y, wanted, gy, create_graph=True))
-            out = [next(grads) if need and t is not None else None
-                   for t, need in zip(leaves, needs)]  # fmt: skip
-            return (*out, None, None, None, None)
-        grads = torch.ops.normkit_kernels.core_backward(
-            gy, x, w, b, dw, index, ctx.domain, ctx.groups, mean, var, count, ctx.eps, list(needs)
-        )
-        return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
-
-
 def core_kernel(
     x: Tensor,
     weight: Tensor | None,
@@ -407,7 +357,9 @@ def core_kernel(
     whole batch). ``x`` contiguous float32/float64 on the CPU, every tensor in its dtype."""
     index = domain if isinstance(domain, Tensor) else None
     dom = domain if isinstance(domain, int) else 0
-    out: tuple[Tensor, Tensor, Tensor, Tensor] = _CoreKernel.apply(
+    # One operator whose autograd node is C++ too (normkit/csrc/core.cpp: CoreFunction), double
+    # backward included: a Python autograd.Function costs more than the kernel at small sizes.
+    out: tuple[Tensor, Tensor, Tensor, Tensor] = torch.ops.normkit_kernels.core_forward(
         x, weight, bias, domain_weight, domain_bias, index, dom, groups, eps
     )
     return out

@@ -162,16 +162,17 @@ def track_(
     num_batches_tracked: Tensor,
     mean: Tensor,
     var: Tensor,
-    values: Tensor,
+    count: Tensor,
+    spatial: int,
     row: int,
     momentum: float,
 ) -> None:
     """:func:`normkit._stats.track_batch_` in one call: fold ``(G, C)`` biased batch moments over
-    ``values[g]`` values each into the running buffers (row ``g`` into buffer row ``g``, or the
-    single row into buffer row ``row`` when ``row >= 0``); ``momentum < 0`` is the cumulative
-    average. Buffers and statistics share one dtype."""
+    ``count[g] · spatial`` values each into the running buffers (row ``g`` into buffer row
+    ``g``, or the single row into buffer row ``row`` when ``row >= 0``); ``momentum < 0`` is
+    the cumulative average. Buffers and statistics share one dtype."""
     torch.ops.normkit_kernels.track_(
-        running_mean, running_var, num_batches_tracked, mean, var, values, row, momentum
+        running_mean, running_var, num_batches_tracked, mean, var, count, spatial, row, momentum
     )
 
 

@@ -15,8 +15,11 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -99,6 +102,36 @@ struct Index {
   int64_t g(int64_t n) const { return split ? idx[n] : 0; }
 };
 
+// Per-group counts of the samples, their reciprocals (0 for an empty group) and the
+// reciprocals of the value counts: divisions hoisted out of the per-channel loops, where their
+// latency (not their number) bounds small inputs.
+struct Counts {
+  std::vector<int64_t> samples;
+  std::vector<double> inv_samples, inv_values;
+};
+
+Counts count_groups(const Index& ix, int64_t n, int64_t ng, int64_t s) {
+  Counts k{std::vector<int64_t>(ng, 0), std::vector<double>(ng, 0.0),
+           std::vector<double>(ng, 0.0)};
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t g = ix.g(i);
+    TORCH_CHECK(g >= 0 && g < ng, "normkit core kernel: group index out of range");
+    k.samples[g] += 1;
+  }
+  for (int64_t g = 0; g < ng; ++g) {
+    if (k.samples[g] > 0) {
+      k.inv_samples[g] = 1.0 / static_cast<double>(k.samples[g]);
+      k.inv_values[g] = 1.0 / static_cast<double>(k.samples[g] * s);
+    }
+  }
+  return k;
+}
+
+// Channels per parallel task: about 32k values each, as ATen's grain.
+int64_t channel_grain(int64_t n, int64_t s) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, n * s));
+}
+
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(
     const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
@@ -109,18 +142,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(
   const int64_t ng = groups > 0 ? groups : 1;
   auto opts = x.options();
   Tensor y = at::empty_like(x);
-  Tensor mean = at::zeros({ng, c}, opts);
-  Tensor var = at::zeros({ng, c}, opts);
-  Tensor count = at::zeros({ng}, opts);
+  Tensor mean = at::empty({ng, c}, opts);
+  Tensor var = at::empty({ng, c}, opts);
+  Tensor count = at::empty({ng}, opts);
   const Index ix{index.has_value() ? index->data_ptr<int64_t>() : nullptr, domain, groups > 0};
-  std::vector<int64_t> cnt(ng, 0);
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t g = ix.g(i);
-    TORCH_CHECK(g >= 0 && g < ng, "normkit core kernel: group index out of range");
-    cnt[g] += 1;
-  }
+  const Counts cnt = count_groups(ix, n, ng, s);
   T* cp = count.data_ptr<T>();
-  for (int64_t g = 0; g < ng; ++g) cp[g] = static_cast<T>(cnt[g]);
+  for (int64_t g = 0; g < ng; ++g) cp[g] = static_cast<T>(cnt.samples[g]);
   const T* xp = x.data_ptr<T>();
   T* yp = y.data_ptr<T>();
   T* mp = mean.data_ptr<T>();
@@ -129,37 +157,43 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(
   const T* b = ptr_or_null<T>(bias);
   const T* dw = ptr_or_null<T>(dweight);
   const T* db = ptr_or_null<T>(dbias);
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, n * s));
-  at::parallel_for(0, c, grain, [&](int64_t c0, int64_t c1) {
-    std::vector<double> pm(n), pq(n), gm(ng), gq(ng), inv(ng);
+  const double inv_s = 1.0 / static_cast<double>(s);
+  at::parallel_for(0, c, channel_grain(n, s), [&](int64_t c0, int64_t c1) {
+    const int64_t width = c1 - c0;
+    std::vector<double> pm(n), pq(n), gm(ng), gq(ng), mu(ng * width), inv(ng * width);
+    // Statistics of every channel of the task.
     for (int64_t ch = c0; ch < c1; ++ch) {
-      // Plane moments: mean and centred sum of squares.
       for (int64_t i = 0; i < n; ++i) {
         const T* p = xp + (i * c + ch) * s;
         double sum, sq;
         plane_sums<T>(p, s, p[0], sum, sq);
-        pm[i] = static_cast<double>(p[0]) + sum / s;
-        pq[i] = std::max(0.0, sq - sum * sum / s);
+        pm[i] = static_cast<double>(p[0]) + sum * inv_s;
+        pq[i] = std::max(0.0, sq - sum * sum * inv_s);
       }
       std::fill(gm.begin(), gm.end(), 0.0);
       std::fill(gq.begin(), gq.end(), 0.0);
       for (int64_t i = 0; i < n; ++i) gm[ix.g(i)] += pm[i];
-      for (int64_t g = 0; g < ng; ++g) gm[g] /= std::max<int64_t>(cnt[g], 1);
+      for (int64_t g = 0; g < ng; ++g) gm[g] *= cnt.inv_samples[g];
       for (int64_t i = 0; i < n; ++i) {
         const double d = pm[i] - gm[ix.g(i)];
-        gq[ix.g(i)] += pq[i] + s * d * d;
+        gq[ix.g(i)] += pq[i] + static_cast<double>(s) * d * d;
       }
       for (int64_t g = 0; g < ng; ++g) {
-        const double v = gq[g] / (std::max<int64_t>(cnt[g], 1) * s);
-        mp[g * c + ch] = static_cast<T>(gm[g]);
-        vp[g * c + ch] = static_cast<T>(v);
-        // invstd from the stored (rounded) variance, as the reference computes it.
-        inv[g] = 1.0 / std::sqrt(static_cast<double>(static_cast<T>(v)) + eps);
+        const T m = static_cast<T>(gm[g]), v = static_cast<T>(gq[g] * cnt.inv_values[g]);
+        mp[g * c + ch] = m;
+        vp[g * c + ch] = v;
+        // From the stored (rounded) values, as the PyTorch path computes them.
+        mu[g * width + ch - c0] = static_cast<double>(m);
+        inv[g * width + ch - c0] = static_cast<double>(v) + eps;
       }
+    }
+    // Inverse standard deviations, in one loop that pipelines.
+    for (int64_t j = 0; j < ng * width; ++j) inv[j] = 1.0 / std::sqrt(inv[j]);
+    // The folded affine, one pass per plane.
+    for (int64_t ch = c0; ch < c1; ++ch) {
       for (int64_t i = 0; i < n; ++i) {
-        const int64_t g = ix.g(i), k = ix.k(i);
-        const double mu = static_cast<double>(static_cast<T>(gm[g]));
-        double a = inv[g], sh = -mu * inv[g];
+        const int64_t g = ix.g(i), k = ix.k(i), at_g = g * width + ch - c0;
+        double a = inv[at_g], sh = -mu[at_g] * inv[at_g];
         if (w) {
           sh = sh * w[ch] + b[ch];
           a *= w[ch];
@@ -183,8 +217,8 @@ template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
     const Tensor& gy_in, const Tensor& x, const optional<Tensor>& weight,
     const optional<Tensor>& bias, const optional<Tensor>& dweight, const optional<Tensor>& index,
-    int64_t domain, int64_t groups, const Tensor& mean, const Tensor& var,
-    const Tensor& count, double eps, std::array<bool, 5> mask) {
+    int64_t domain, int64_t groups, const Tensor& mean, const Tensor& var, double eps,
+    std::array<bool, 5> mask) {
   const Layout l = check_args(x, index, groups);
   const int64_t n = l.n, c = l.c, s = l.s;
   const int64_t ng = groups > 0 ? groups : 1;
@@ -197,12 +231,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
   Tensor gdw = mask[3] && kd ? at::zeros({kd, c}, opts) : Tensor();
   Tensor gdb = mask[4] && kd ? at::zeros({kd, c}, opts) : Tensor();
   const Index ix{index.has_value() ? index->data_ptr<int64_t>() : nullptr, domain, groups > 0};
+  const Counts cnt = count_groups(ix, n, ng, s);
   const T* xp = x.data_ptr<T>();
   const T* gp = gy.data_ptr<T>();
   T* dxp = mask[0] ? dx.data_ptr<T>() : nullptr;
   const T* mp = mean.data_ptr<T>();
   const T* vp = var.data_ptr<T>();
-  const T* cp = count.data_ptr<T>();
   const T* w = ptr_or_null<T>(weight);
   const T* b = ptr_or_null<T>(bias);
   const T* dw = ptr_or_null<T>(dweight);
@@ -210,24 +244,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
   T* gbp = gb.defined() ? gb.data_ptr<T>() : nullptr;
   T* gdwp = gdw.defined() ? gdw.data_ptr<T>() : nullptr;
   T* gdbp = gdb.defined() ? gdb.data_ptr<T>() : nullptr;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, n * s));
-  at::parallel_for(0, c, grain, [&](int64_t c0, int64_t c1) {
-    std::vector<double> sa(ng), sb(ng), inv(ng);
-    std::vector<double> pa(n), pb(n), tot(n);
-    for (int64_t ch = c0; ch < c1; ++ch) {
-      for (int64_t g = 0; g < ng; ++g) {
-        inv[g] = 1.0 / std::sqrt(static_cast<double>(vp[g * c + ch]) + eps);
-        sa[g] = 0.0;
-        sb[g] = 0.0;
+  at::parallel_for(0, c, channel_grain(n, s), [&](int64_t c0, int64_t c1) {
+    const int64_t width = c1 - c0;
+    std::vector<double> sa(ng), sb(ng), beta(ng), gamma(ng), tot(n), inv(ng * width);
+    for (int64_t g = 0; g < ng; ++g) {
+      for (int64_t ch = c0; ch < c1; ++ch) {
+        inv[g * width + ch - c0] = static_cast<double>(vp[g * c + ch]) + eps;
       }
+    }
+    for (int64_t j = 0; j < ng * width; ++j) inv[j] = 1.0 / std::sqrt(inv[j]);
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      std::fill(sa.begin(), sa.end(), 0.0);
+      std::fill(sb.begin(), sb.end(), 0.0);
       double sw = 0.0, sbias = 0.0;
+      const double wc = w ? static_cast<double>(w[ch]) : 1.0;
       for (int64_t i = 0; i < n; ++i) {
         const int64_t g = ix.g(i), k = ix.k(i);
         double a, p;
         grad_sums<T>(gp + (i * c + ch) * s, xp + (i * c + ch) * s, s, mp[g * c + ch], a, p);
-        const double bb = p * inv[g];  // Σ g · x̂
+        const double bb = p * inv[g * width + ch - c0];  // Σ g · x̂
         const double gk = dw ? static_cast<double>(dw[k * c + ch]) : 1.0;
-        const double wc = w ? static_cast<double>(w[ch]) : 1.0;
         if (gdwp) gdwp[k * c + ch] += static_cast<T>(w ? wc * bb + b[ch] * a : bb);
         if (gdbp) gdbp[k * c + ch] += static_cast<T>(a);
         sw += gk * bb;
@@ -239,13 +275,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
       if (gwp) gwp[ch] = static_cast<T>(sw);
       if (gbp) gbp[ch] = static_cast<T>(sbias);
       if (!dxp) continue;
+      // ∂x = inv · tot · g + β · x + γ per plane, β and γ per group.
+      for (int64_t g = 0; g < ng; ++g) {
+        const double iv = inv[g * width + ch - c0], m = -cnt.inv_values[g];
+        beta[g] = iv * iv * sb[g] * m;
+        gamma[g] = iv * sa[g] * m - static_cast<double>(mp[g * c + ch]) * beta[g];
+      }
       for (int64_t i = 0; i < n; ++i) {
         const int64_t g = ix.g(i);
-        const double m = -1.0 / (static_cast<double>(cp[g]) * s);
-        const double beta = inv[g] * inv[g] * sb[g] * m;
-        const double gamma = inv[g] * sa[g] * m - static_cast<double>(mp[g * c + ch]) * beta;
-        const T al = static_cast<T>(inv[g] * tot[i]), be = static_cast<T>(beta),
-                ga = static_cast<T>(gamma);
+        const T al = static_cast<T>(inv[g * width + ch - c0] * tot[i]);
+        const T be = static_cast<T>(beta[g]), ga = static_cast<T>(gamma[g]);
         const T* gpp = gp + (i * c + ch) * s;
         const T* xpp = xp + (i * c + ch) * s;
         T* q = dxp + (i * c + ch) * s;
@@ -270,14 +309,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> core_forward(
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> core_backward(
     const Tensor& gy, const Tensor& x, const optional<Tensor>& weight,
     const optional<Tensor>& bias, const optional<Tensor>& dweight, const optional<Tensor>& index,
-    int64_t domain, int64_t groups, const Tensor& mean, const Tensor& var, const Tensor& count,
-    double eps, std::array<bool, 5> mask) {
+    int64_t domain, int64_t groups, const Tensor& mean, const Tensor& var, double eps,
+    std::array<bool, 5> mask) {
   if (x.scalar_type() == at::kDouble) {
     return backward_impl<double>(gy, x, weight, bias, dweight, index, domain, groups, mean, var,
-                                 count, eps, mask);
+                                 eps, mask);
   }
-  return backward_impl<float>(gy, x, weight, bias, dweight, index, domain, groups, mean, var,
-                              count, eps, mask);
+  return backward_impl<float>(gy, x, weight, bias, dweight, index, domain, groups, mean, var, eps,
+                              mask);
 }
 
 // running ← lerp(running, batch, f) with the unbiased batch variance, as torch's lerp_ computes
@@ -300,11 +339,11 @@ void track_row(T* rm, T* rv, int64_t* nbt, const T* mean, const T* var, double v
   }
 }
 
-// Rows of (G, C) batch statistics over count[g] values each: row g updates buffer row g, or,
+// Rows of (G, C) batch statistics over count[g] · spatial values each: row g updates buffer row g, or,
 // with row >= 0, the single statistics row updates buffer row `row`.
 void track_(const optional<Tensor>& running_mean, const Tensor& running_var,
             const Tensor& num_batches_tracked, const Tensor& mean, const Tensor& var,
-            const Tensor& count, int64_t row, double momentum) {
+            const Tensor& count, int64_t spatial, int64_t row, double momentum) {
   const int64_t c = mean.size(-1);
   const int64_t rows = num_batches_tracked.numel();
   const int64_t g = mean.numel() / c;
@@ -331,9 +370,132 @@ void track_(const optional<Tensor>& running_mean, const Tensor& running_var,
     for (int64_t i = 0; i < g; ++i) {
       const int64_t r = row >= 0 ? row : i;
       track_row<scalar_t>(rm ? rm + r * c : nullptr, rv + r * c, nbt + r, mp + i * c, vp + i * c,
-                          static_cast<double>(cp[i]), momentum, c);
+                          static_cast<double>(cp[i]) * static_cast<double>(spatial), momentum, c);
     }
   });
+}
+
+// The reference composition in differentiable ATen operators: batch (or per-group) statistics,
+// then both affines. Its autograd graph gives the double backward.
+Tensor reference(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& dw,
+                 const Tensor& db, const Tensor& index, int64_t domain, int64_t groups,
+                 double eps) {
+  const int64_t c = x.size(1);
+  std::vector<int64_t> bshape(x.dim(), 1);  // (rows, C, 1, ...)
+  bshape[1] = c;
+  std::vector<int64_t> spatial;
+  for (int64_t d = 2; d < x.dim(); ++d) spatial.push_back(d);
+  Tensor mean, var;
+  if (groups == 0) {
+    std::vector<int64_t> dims{0};
+    dims.insert(dims.end(), spatial.begin(), spatial.end());
+    std::tie(var, mean) = at::var_mean(x, dims, /*correction=*/0, /*keepdim=*/false);
+    mean = mean.unsqueeze(0);
+    var = var.unsqueeze(0);
+  } else {
+    // Per-group moments merged from per-sample ones.
+    std::tie(var, mean) = at::var_mean(x, spatial, /*correction=*/0, /*keepdim=*/false);
+    Tensor onehot = at::one_hot(index, groups).to(x.scalar_type());  // (N, K)
+    Tensor counts = onehot.sum(0).clamp_min(1).unsqueeze(1);          // (K, 1)
+    Tensor gmean = onehot.t().mm(mean) / counts;
+    Tensor spread = var + (mean - gmean.index_select(0, index)).square();
+    Tensor gvar = onehot.t().mm(spread) / counts;
+    mean = gmean.index_select(0, index);
+    var = gvar.index_select(0, index);
+  }
+  Tensor scale = at::rsqrt(var + eps);
+  Tensor shift = -mean * scale;
+  if (w.defined()) {
+    scale = scale * w;
+    shift = shift * w + b;
+  }
+  if (dw.defined()) {
+    Tensor gk = index.defined() ? dw.index_select(0, index) : dw.select(0, domain).unsqueeze(0);
+    Tensor bk = index.defined() ? db.index_select(0, index) : db.select(0, domain).unsqueeze(0);
+    scale = scale * gk;
+    shift = shift * gk + bk;
+  }
+  bshape[0] = scale.size(0);  // scale and shift have the same rows: 1, or N
+  return x * scale.reshape(bshape) + shift.reshape(bshape);
+}
+
+// The autograd node of core_forward: one kernel call each way; with create_graph (grad mode on
+// in backward), the gradients of the reference composition instead, so that they can be
+// differentiated again.
+class CoreFunction : public torch::autograd::Function<CoreFunction> {
+ public:
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const Tensor& x, const optional<Tensor>& weight,
+      const optional<Tensor>& bias, const optional<Tensor>& dweight,
+      const optional<Tensor>& dbias, const optional<Tensor>& index, int64_t domain,
+      int64_t groups, double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto out = core_forward(x, weight, bias, dweight, dbias, index, domain, groups, eps);
+    const Tensor none;
+    ctx->save_for_backward({x, weight.value_or(none), bias.value_or(none),
+                            dweight.value_or(none), dbias.value_or(none), index.value_or(none),
+                            std::get<1>(out), std::get<2>(out)});
+    ctx->saved_data["domain"] = domain;
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["eps"] = eps;
+    ctx->mark_non_differentiable({std::get<1>(out), std::get<2>(out), std::get<3>(out)});
+    return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out)};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &w = saved[1], &b = saved[2], &dw = saved[3], &db = saved[4];
+    const Tensor &index = saved[5], &mean = saved[6], &var = saved[7];
+    const int64_t domain = ctx->saved_data["domain"].toInt();
+    const int64_t groups = ctx->saved_data["groups"].toInt();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    // Graph edges exist for the tensors that were given, in argument order.
+    std::array<bool, 5> needs{};
+    size_t edge = 0;
+    const std::array<const Tensor*, 5> params{&x, &w, &b, &dw, &db};
+    for (size_t i = 0; i < 5; ++i) {
+      if (params[i]->defined()) needs[i] = ctx->needs_input_grad(edge++);
+    }
+    const Tensor& gy = grads[0];
+    torch::autograd::variable_list out(9);
+    if (!gy.defined()) return out;
+    if (at::GradMode::is_enabled()) {
+      torch::autograd::variable_list wanted;
+      for (size_t i = 0; i < 5; ++i) {
+        if (needs[i]) wanted.push_back(*params[i]);
+      }
+      if (wanted.empty()) return out;
+      Tensor y = reference(x, w, b, dw, db, index, domain, groups, eps);
+      auto got = torch::autograd::grad({y}, wanted, {gy}, /*retain_graph=*/std::nullopt,
+                                       /*create_graph=*/true, /*allow_unused=*/true);
+      size_t j = 0;
+      for (size_t i = 0; i < 5; ++i) {
+        if (needs[i]) out[i] = got[j++];
+      }
+      return out;
+    }
+    auto opt = [](const Tensor& t) { return t.defined() ? optional<Tensor>(t) : std::nullopt; };
+    auto g = core_backward(gy, x, opt(w), opt(b), opt(dw), opt(index), domain, groups, mean, var,
+                           eps, needs);
+    out[0] = std::get<0>(g);
+    out[1] = std::get<1>(g);
+    out[2] = std::get<2>(g);
+    out[3] = std::get<3>(g);
+    out[4] = std::get<4>(g);
+    for (size_t i = 0; i < 5; ++i) {
+      if (!needs[i]) out[i] = Tensor();
+    }
+    return out;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> core_forward_autograd(
+    const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
+    const optional<Tensor>& dweight, const optional<Tensor>& dbias, const optional<Tensor>& index,
+    int64_t domain, int64_t groups, double eps) {
+  auto out = CoreFunction::apply(x, weight, bias, dweight, dbias, index, domain, groups, eps);
+  return {out[0], out[1], out[2], out[3]};
 }
 
 }  // namespace
@@ -344,15 +506,19 @@ TORCH_LIBRARY(normkit_kernels, m) {
       "Tensor? index, int domain, int groups, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "core_backward(Tensor gy, Tensor x, Tensor? weight, Tensor? bias, Tensor? dweight, "
-      "Tensor? index, int domain, int groups, Tensor mean, Tensor var, Tensor count, float eps, "
-      "bool[5] mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? index, int domain, int groups, Tensor mean, Tensor var, float eps, bool[5] mask)"
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "track_(Tensor(a!)? running_mean, Tensor(b!) running_var, Tensor(c!) num_batches_tracked, "
-      "Tensor mean, Tensor var, Tensor count, int row, float momentum) -> ()");
+      "Tensor mean, Tensor var, Tensor count, int spatial, int row, float momentum) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(normkit_kernels, CPU, m) {
   m.impl("core_forward", &core_forward);
   m.impl("core_backward", &core_backward);
   m.impl("track_", &track_);
+}
+
+TORCH_LIBRARY_IMPL(normkit_kernels, Autograd, m) {
+  m.impl("core_forward", &core_forward_autograd);
 }

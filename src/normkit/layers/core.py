@@ -314,11 +314,10 @@ class _BatchNormCore(Synchronized, _BatchNorm):
             row = domain if self.split_stats and isinstance(domain, int) else -1
             momentum = -1.0 if self.momentum is None else self.momentum
             buffers = (self.running_mean, self.running_var, self.num_batches_tracked)
+            spatial = x.numel() // (x.shape[0] * x.shape[1])
             if all(t.dtype == mean.dtype for t in buffers[:2]):
-                spatial = x.numel() // (x.shape[0] * x.shape[1])
-                kernels.track_(*buffers, mean, var, count * spatial, row, momentum)
+                kernels.track_(*buffers, mean, var, count, spatial, row, momentum)
             elif per_sample:
-                spatial = x.numel() // (x.shape[0] * x.shape[1])
                 self._update_running(mean, var, count * spatial)
             else:
                 self._track_whole_batch(mean[0], var[0], domain, x)
