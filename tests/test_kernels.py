@@ -213,3 +213,20 @@ def test_a_failed_build_raises_and_changes_nothing(monkeypatch: pytest.MonkeyPat
         kernels.enable()
     assert not kernels.is_enabled()
     assert not kernels.is_available()
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_float64_input_to_a_float32_layer(split: bool, kernel_calls: list[int]) -> None:
+    """Float32 parameters and buffers with a float64 input: the parameters are cast for the
+    kernel and the statistics (float64) reach the float32 buffers through the PyTorch update."""
+    layer = nk.SandwichBatchNorm2d(3, 2, split_stats=split).train()
+    ref = copy.deepcopy(layer)
+    ref.fast = False
+    x = torch.randn(4, 3, 2, 2, dtype=F64)
+    domain = torch.tensor([0, 1, 1, 0])
+    got, want = layer(x, domain), ref(x, domain)
+    assert got.dtype == F64
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for name, buffer in layer.named_buffers():
+        torch.testing.assert_close(buffer, dict(ref.named_buffers())[name])
+    assert kernel_calls

@@ -57,10 +57,13 @@ def check_same_device(layer: str, role: str, t: Tensor, ref: Tensor) -> None:
 
 def check_batch_values(layer: str, x: Tensor) -> None:
     """Refuse a training batch with a single value per channel, as ``nn.BatchNorm`` does."""
-    size = x.shape[0]
-    for s in x.shape[2:]:
-        size *= s
-    if size == 1:
+    shape = x.shape
+    if len(shape) < 2:
+        return
+    channels = shape[1]
+    # Values per channel, N · spatial: numel / C without a loop over the shape (this runs on
+    # every training forward); a layer with C == 0 has no channel to check.
+    if channels and x.numel() == channels:
         raise ValueError(
             f"{layer}: expected more than 1 value per channel when training, got input of shape "
             f"{tuple(x.shape)}; use a larger batch, eval mode, or a micro-batch-safe layer "
@@ -248,7 +251,11 @@ def check_index(
     if torch._C._are_functorch_transforms_active():  # vmap and friends forbid reading values
         return
     if index.device.type == "cpu":
-        lo, hi = int(index.min()), int(index.max())
+        if index.numel() <= 256:  # one conversion instead of two reductions and two reads
+            values = index.tolist()
+            lo, hi = min(values), max(values)
+        else:
+            lo, hi = int(index.min()), int(index.max())
         if lo < 0 or hi >= num_domains:
             bad = lo if lo < 0 else hi
             raise ValueError(f"{layer}: expected domain indices in [0, {num_domains}), got {bad}")

@@ -302,21 +302,35 @@ class _BatchNormCore(Synchronized, _BatchNorm):
     ) -> Tensor:
         """:meth:`_fast_norm_affine` as one call of the compiled kernel each way
         (:func:`normkit._fused.core_kernel`), the affines passed as they are."""
-        w, b, dw, db = (p if p is None or p.dtype == x.dtype else p.to(x.dtype)
-                        for p in params)  # fmt: skip
+        w, b, dw, db = params
+        dtype = x.dtype
+        if w is not None and w.dtype != dtype:
+            w, b = w.to(dtype), None if b is None else b.to(dtype)
+        if dw is not None and dw.dtype != dtype:
+            dw, db = dw.to(dtype), None if db is None else db.to(dtype)
         per_sample = self.split_stats and isinstance(domain, Tensor)
         groups = self.num_domains if per_sample else 0
         y, mean, var, count = core_kernel(x, w, b, dw, db, domain, groups, self.eps)
-        if self.training and self.running_mean is not None:
-            assert self.running_var is not None and self.num_batches_tracked is not None
+        running_mean, running_var = self.running_mean, self.running_var
+        if self.training and running_mean is not None:
+            assert running_var is not None and self.num_batches_tracked is not None
             # One row of statistics per domain, or the whole batch's for the (C,) buffers or
             # for one domain's row of split buffers.
             row = domain if self.split_stats and isinstance(domain, int) else -1
             momentum = -1.0 if self.momentum is None else self.momentum
-            buffers = (self.running_mean, self.running_var, self.num_batches_tracked)
             spatial = x.numel() // (x.shape[0] * x.shape[1])
-            if all(t.dtype == mean.dtype for t in buffers[:2]):
-                kernels.track_(*buffers, mean, var, count, spatial, row, momentum)
+            if running_mean.dtype == running_var.dtype == mean.dtype:
+                kernels.track_(
+                    running_mean,
+                    running_var,
+                    self.num_batches_tracked,
+                    mean,
+                    var,
+                    count,
+                    spatial,
+                    row,
+                    momentum,
+                )
             elif per_sample:
                 self._update_running(mean, var, count * spatial)
             else:
