@@ -22,13 +22,14 @@ from torch.autograd import gradcheck, gradgradcheck
 import normkit as nk
 from normkit import _fused, kernels
 from normkit.layers import core
+from normkit.layers.batch_channel import _BatchChannelNorm
 from normkit.layers.core import _BatchNormCore
 from normkit.layers.renorm import _BatchRenorm
 from tests.layer_table import LAYERS, layer_params
 from tests.test_fast_paths import EXTRA, _compare
 
 F64 = torch.float64
-RECORDS = [r for r in [*LAYERS, *EXTRA] if issubclass(r.cls, _BatchNormCore)]
+RECORDS = [r for r in [*LAYERS, *EXTRA] if issubclass(r.cls, (_BatchNormCore, _BatchChannelNorm))]
 
 
 @pytest.fixture
@@ -44,6 +45,15 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(core, "core_kernel", counting)
+    real_bcn = _BatchChannelNorm._kernel_forward
+
+    def counting_bcn(self: Any, *args: Any) -> Any:
+        out = real_bcn(self, *args)
+        if out is not None:
+            calls.append(1)
+        return out
+
+    monkeypatch.setattr(_BatchChannelNorm, "_kernel_forward", counting_bcn)
     try:
         yield calls
     finally:
@@ -230,3 +240,36 @@ def test_float64_input_to_a_float32_layer(split: bool, kernel_calls: list[int]) 
     for name, buffer in layer.named_buffers():
         torch.testing.assert_close(buffer, dict(ref.named_buffers())[name])
     assert kernel_calls
+
+
+@pytest.mark.parametrize("estimate", [False, True])
+@pytest.mark.parametrize("group_affine", ["per_group", "per_channel", None])
+def test_bcn_kernel_gradcheck_and_gradgradcheck(
+    estimate: bool, group_affine: str | None, kernel_calls: list[int]
+) -> None:
+    """BCN's kernel, first and second derivatives by finite differences (fresh copies of the
+    buffers for every evaluation: the estimates change with each training forward). The
+    estimates are constants of the step by design (gradients do not flow into the update):
+    rate 0 makes them constant for the finite differences too."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(3, 4, 2, 3, generator=g, dtype=F64) * 2 + 1).requires_grad_()
+    w = (torch.rand(4, generator=g, dtype=F64) + 0.5).requires_grad_()
+    b = torch.randn(4, generator=g, dtype=F64).requires_grad_()
+    size = 4 if group_affine == "per_channel" else 2
+    gw = (torch.rand(size, generator=g, dtype=F64) + 0.5).requires_grad_()
+    gb = torch.randn(size, generator=g, dtype=F64).requires_grad_()
+    running = (torch.randn(4, generator=g, dtype=F64), torch.rand(4, generator=g, dtype=F64) + 1)
+
+    def fn(x: Tensor, w: Tensor, b: Tensor, *group: Tensor) -> Tensor:
+        rm, rv = running[0].clone(), running[1].clone()
+        count = torch.zeros((), dtype=torch.long)
+        gw, gb = group if group else (None, None)
+        out = torch.ops.normkit_kernels.bcn_forward(
+            x, w, b, gw, gb, rm, rv, count, 2, group_affine == "per_channel", estimate,
+            1e-5, 0.0 if estimate else 0.3, 0.1,
+        )  # fmt: skip
+        return out[0]
+
+    inputs = (x, w, b) + ((gw, gb) if group_affine else ())
+    assert gradcheck(fn, inputs)
+    assert gradgradcheck(fn, inputs)

@@ -375,6 +375,428 @@ void track_(const optional<Tensor>& running_mean, const Tensor& running_var,
   });
 }
 
+// ---- Batch-Channel Normalization (normkit.layers.batch_channel) --------------------------------
+//
+// x1 = a_c x + b_c (the batch part: a = γ_b / sqrt(σ²_c + eps), b = β_b − μ_c a, with the batch's
+// or the estimated μ, σ²), then a group norm of x1 per (sample, group) and the group affine:
+// y = scale[n, c] x + shift[n, c]. The group moments of x1 follow from the plane moments m, q of
+// x in closed form, so the forward is one reduction pass and one apply pass.
+
+struct BcnShape {
+  int64_t n, c, s, groups, per;
+};
+
+// Per-(n, c) mean m and biased variance q of every plane, in double then rounded to T.
+template <typename T>
+void bcn_plane_moments(const T* xp, const BcnShape& d, T* mp, T* qp) {
+  const double inv_s = 1.0 / static_cast<double>(d.s);
+  at::parallel_for(0, d.n * d.c, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, d.s)),
+                   [&](int64_t p0, int64_t p1) {
+                     for (int64_t p = p0; p < p1; ++p) {
+                       const T* row = xp + p * d.s;
+                       double sum, sq;
+                       plane_sums<T>(row, d.s, row[0], sum, sq);
+                       const double mean_d = sum * inv_s;
+                       mp[p] = static_cast<T>(static_cast<double>(row[0]) + mean_d);
+                       qp[p] = static_cast<T>(std::max(0.0, sq * inv_s - mean_d * mean_d));
+                     }
+                   });
+}
+
+// The batch part (a, b) per channel and the group part per (n, g): mean gm and inverse std t,
+// in double. `scale` and `shift` (N, C) fold everything.
+template <typename T>
+void bcn_fold(const BcnShape& d, const T* mp, const T* qp, const std::vector<double>& mean,
+              const std::vector<double>& var, const T* w, const T* b, const T* gw, const T* gb,
+              bool per_channel, double eps, std::vector<double>& a, std::vector<double>& bb,
+              std::vector<double>& gm, std::vector<double>& t, std::vector<double>& scale,
+              std::vector<double>& shift) {
+  const int64_t n = d.n, c = d.c, groups = d.groups, per = d.per;
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const double inv = 1.0 / std::sqrt(var[ch] + eps);
+    a[ch] = w ? inv * static_cast<double>(w[ch]) : inv;
+    bb[ch] = b ? static_cast<double>(b[ch]) - mean[ch] * a[ch] : -mean[ch] * a[ch];
+  }
+  const double inv_per = 1.0 / static_cast<double>(per);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t g = 0; g < groups; ++g) {
+      double sm = 0.0;
+      for (int64_t j = g * per; j < (g + 1) * per; ++j) {
+        sm += a[j] * static_cast<double>(mp[i * c + j]) + bb[j];
+      }
+      sm *= inv_per;
+      double sv = 0.0;
+      for (int64_t j = g * per; j < (g + 1) * per; ++j) {
+        const double e = a[j] * static_cast<double>(mp[i * c + j]) + bb[j] - sm;
+        sv += a[j] * a[j] * static_cast<double>(qp[i * c + j]) + e * e;
+      }
+      gm[i * groups + g] = sm;
+      t[i * groups + g] = 1.0 / std::sqrt(std::max(0.0, sv * inv_per) + eps);
+      for (int64_t j = g * per; j < (g + 1) * per; ++j) {
+        double sc = a[j] * t[i * groups + g], sh = (bb[j] - sm) * t[i * groups + g];
+        if (gw) {
+          const int64_t k = per_channel ? j : g;
+          sc *= static_cast<double>(gw[k]);
+          sh = sh * static_cast<double>(gw[k]) + static_cast<double>(gb[k]);
+        }
+        scale[i * c + j] = sc;
+        shift[i * c + j] = sh;
+      }
+    }
+  }
+}
+
+BcnShape bcn_shape(const Tensor& x, int64_t groups) {
+  TORCH_CHECK(x.dim() > 2 && x.is_contiguous() && x.numel() > 0,
+              "normkit bcn kernel: non-empty contiguous (N, C, *S) input");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "normkit bcn kernel: float32 or float64 input");
+  const int64_t n = x.size(0), c = x.size(1);
+  TORCH_CHECK(groups > 0 && c % groups == 0, "normkit bcn kernel: groups must divide C");
+  return {n, c, x.numel() / (n * c), groups, c / groups};
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bcn_forward_impl(
+    const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
+    const optional<Tensor>& gweight, const optional<Tensor>& gbias,
+    const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
+    const optional<Tensor>& num_batches_tracked, int64_t groups, bool per_channel,
+    bool estimate, double eps, double rate, double momentum) {
+  const BcnShape d = bcn_shape(x, groups);
+  const int64_t n = d.n, c = d.c;
+  auto opts = x.options();
+  Tensor y = at::empty_like(x);
+  Tensor m = at::empty({n, c}, opts), q = at::empty({n, c}, opts);
+  Tensor mean_t = at::empty({c}, opts), var_t = at::empty({c}, opts);
+  const T* xp = x.data_ptr<T>();
+  T* mp = m.data_ptr<T>();
+  T* qp = q.data_ptr<T>();
+  bcn_plane_moments<T>(xp, d, mp, qp);
+  // The batch part's statistics: the batch's, or the estimates after this batch's update.
+  T* rm = running_mean.has_value() ? running_mean->data_ptr<T>() : nullptr;
+  T* rv = running_var.has_value() ? running_var->data_ptr<T>() : nullptr;
+  int64_t* nbt = num_batches_tracked.has_value() ? num_batches_tracked->data_ptr<int64_t>()
+                                                 : nullptr;
+  TORCH_CHECK(!estimate || (rm && rv && nbt), "normkit bcn kernel: estimates need buffers");
+  std::vector<double> mean(c), var(c);
+  std::vector<T> bm(c), bv(c);
+  const double inv_n = 1.0 / static_cast<double>(n);
+  for (int64_t ch = 0; ch < c; ++ch) {
+    double sm = 0.0;
+    for (int64_t i = 0; i < n; ++i) sm += static_cast<double>(mp[i * c + ch]);
+    // The centre: the batch mean, or the previous mean estimate.
+    const T centre = estimate ? rm[ch] : static_cast<T>(sm * inv_n);
+    double sv = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      const double e = static_cast<double>(mp[i * c + ch]) - static_cast<double>(centre);
+      sv += static_cast<double>(qp[i * c + ch]) + e * e;
+    }
+    bm[ch] = static_cast<T>(sm * inv_n);
+    bv[ch] = static_cast<T>(estimate ? sv * inv_n : std::max(0.0, sv * inv_n));
+  }
+  if (estimate) {
+    *nbt += 1;
+    const T r = static_cast<T>(rate);
+    auto lerp = [r](T lo, T hi) { return r < T(0.5) ? lo + r * (hi - lo) : hi - (hi - lo) * (T(1) - r); };
+    for (int64_t ch = 0; ch < c; ++ch) {
+      if (std::isfinite(bm[ch]) && std::isfinite(bv[ch])) {
+        rm[ch] = lerp(rm[ch], bm[ch]);
+        rv[ch] = lerp(rv[ch], bv[ch]);
+      }
+      bm[ch] = rm[ch];
+      bv[ch] = rv[ch];
+    }
+  } else if (rv) {
+    track_row<T>(rm, rv, nbt, bm.data(), bv.data(), static_cast<double>(n * d.s), momentum, c);
+  }
+  T* mt = mean_t.data_ptr<T>();
+  T* vt = var_t.data_ptr<T>();
+  for (int64_t ch = 0; ch < c; ++ch) {
+    mt[ch] = bm[ch];
+    vt[ch] = bv[ch];
+    mean[ch] = static_cast<double>(bm[ch]);
+    var[ch] = static_cast<double>(bv[ch]);
+  }
+  std::vector<double> a(c), bb(c), gm(n * groups), t(n * groups), scale(n * c), shift(n * c);
+  bcn_fold<T>(d, mp, qp, mean, var, ptr_or_null<T>(weight), ptr_or_null<T>(bias),
+              ptr_or_null<T>(gweight), ptr_or_null<T>(gbias), per_channel, eps, a, bb, gm, t,
+              scale, shift);
+  T* yp = y.data_ptr<T>();
+  at::parallel_for(0, n * c, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, d.s)),
+                   [&](int64_t p0, int64_t p1) {
+                     for (int64_t p = p0; p < p1; ++p) {
+                       const T sc = static_cast<T>(scale[p]), sh = static_cast<T>(shift[p]);
+                       const T* row = xp + p * d.s;
+                       T* out = yp + p * d.s;
+#pragma omp simd
+                       for (int64_t j = 0; j < d.s; ++j) out[j] = sc * row[j] + sh;
+                     }
+                   });
+  return {y, m, q, mean_t, var_t};
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bcn_backward_impl(
+    const Tensor& gy_in, const Tensor& x, const optional<Tensor>& weight,
+    const optional<Tensor>& bias, const optional<Tensor>& gweight, const Tensor& m,
+    const Tensor& q, const Tensor& mean_t, const Tensor& var_t, int64_t groups, bool per_channel,
+    bool estimate, double eps, std::array<bool, 5> mask) {
+  const BcnShape d = bcn_shape(x, groups);
+  const int64_t n = d.n, c = d.c, per = d.per, s = d.s;
+  const Tensor gy = gy_in.contiguous();
+  const T* xp = x.data_ptr<T>();
+  const T* gp = gy.data_ptr<T>();
+  const T* mp = m.data_ptr<T>();
+  const T* qp = q.data_ptr<T>();
+  const T* w = ptr_or_null<T>(weight);
+  const T* gw = ptr_or_null<T>(gweight);
+  std::vector<double> mean(c), var(c);
+  for (int64_t ch = 0; ch < c; ++ch) {
+    mean[ch] = static_cast<double>(mean_t.data_ptr<T>()[ch]);
+    var[ch] = static_cast<double>(var_t.data_ptr<T>()[ch]);
+  }
+  std::vector<double> a(c), bb(c), gm(n * groups), t(n * groups), scale(n * c), shift(n * c);
+  // (scale and shift are not needed here: no group affine for the fold)
+  bcn_fold<T>(d, mp, qp, mean, var, w, ptr_or_null<T>(bias), nullptr, nullptr, per_channel, eps,
+              a, bb, gm, t, scale, shift);
+  // Per-plane A = Σ g and P = Σ g (x − m).
+  std::vector<double> sa(n * c), sp(n * c);
+  at::parallel_for(0, n * c, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, s)),
+                   [&](int64_t p0, int64_t p1) {
+                     for (int64_t p = p0; p < p1; ++p) {
+                       grad_sums<T>(gp + p * s, xp + p * s, s, mp[p], sa[p], sp[p]);
+                     }
+                   });
+  auto gwv = [&](int64_t j) {
+    return gw ? static_cast<double>(gw[per_channel ? j : j / per]) : 1.0;
+  };
+  auto opts = x.options();
+  const int64_t gsize = per_channel ? c : groups;
+  Tensor dgw = mask[3] && gw ? at::zeros({gsize}, opts) : Tensor();
+  Tensor dgb = mask[4] && gw ? at::zeros({gsize}, opts) : Tensor();
+  std::vector<double> dgw_acc(gsize, 0.0), dgb_acc(gsize, 0.0);
+  std::vector<double> alpha(n * c), beta1(n * c), gamma1(n * c), t1(c, 0.0), t2(c, 0.0);
+  const double k = 1.0 / static_cast<double>(s * per);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const double tg = t[i * groups + g];
+      double h1 = 0.0, h2 = 0.0;
+      for (int64_t j = g * per; j < (g + 1) * per; ++j) {
+        const int64_t p = i * c + j;
+        const double e = a[j] * static_cast<double>(mp[p]) + bb[j] - gm[i * groups + g];
+        const double xh = tg * (a[j] * sp[p] + e * sa[p]);  // Σ g · x̂1
+        dgw_acc[per_channel ? j : g] += xh;
+        dgb_acc[per_channel ? j : g] += sa[p];
+        h1 += gwv(j) * sa[p];
+        h2 += gwv(j) * xh;
+      }
+      h1 *= k;
+      const double t2h2 = h2 * k * tg * tg;
+      for (int64_t j = g * per; j < (g + 1) * per; ++j) {
+        const int64_t p = i * c + j;
+        const double e = a[j] * static_cast<double>(mp[p]) + bb[j] - gm[i * groups + g];
+        alpha[p] = tg * gwv(j);
+        beta1[p] = -t2h2 * a[j];
+        gamma1[p] = -tg * h1 - t2h2 * e;
+        // Σ_s dx1 and Σ_s dx1 (x − μ) of the plane.
+        const double s1 = alpha[p] * sa[p] + gamma1[p] * static_cast<double>(s);
+        const double dev = static_cast<double>(mp[p]) - mean[j];
+        const double s2 = alpha[p] * sp[p] + beta1[p] * static_cast<double>(qp[p]) * s + dev * s1;
+        t1[j] += s1;
+        t2[j] += s2;
+      }
+    }
+  }
+  if (dgw.defined()) {
+    T* o = dgw.data_ptr<T>();
+    for (int64_t j = 0; j < gsize; ++j) o[j] = static_cast<T>(dgw_acc[j]);
+  }
+  if (dgb.defined()) {
+    T* o = dgb.data_ptr<T>();
+    for (int64_t j = 0; j < gsize; ++j) o[j] = static_cast<T>(dgb_acc[j]);
+  }
+  Tensor dw = mask[1] && w ? at::empty({c}, opts) : Tensor();
+  Tensor db = mask[2] && w ? at::empty({c}, opts) : Tensor();
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const double inv = 1.0 / std::sqrt(var[ch] + eps);
+    if (dw.defined()) dw.data_ptr<T>()[ch] = static_cast<T>(t2[ch] * inv);
+    if (db.defined()) db.data_ptr<T>()[ch] = static_cast<T>(t1[ch]);
+  }
+  Tensor dx = mask[0] ? at::empty_like(x) : Tensor();
+  if (mask[0]) {
+    std::vector<double> d2(c, 0.0), dc(c, 0.0);
+    if (!estimate) {  // the batch-norm backward, through μ and σ² of the batch
+      const double inv_m = 1.0 / static_cast<double>(n * s);
+      for (int64_t ch = 0; ch < c; ++ch) {
+        d2[ch] = t2[ch] / (var[ch] + eps) * inv_m;
+        dc[ch] = t1[ch] * inv_m;
+      }
+    }
+    T* dxp = dx.data_ptr<T>();
+    at::parallel_for(0, n * c, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, s)),
+                     [&](int64_t p0, int64_t p1) {
+                       for (int64_t p = p0; p < p1; ++p) {
+                         const int64_t j = p % c;
+                         const double dev = static_cast<double>(mp[p]) - mean[j];
+                         const double be = a[j] * (beta1[p] - d2[j]);
+                         const double g0 = a[j] * (gamma1[p] - dc[j] - d2[j] * dev);
+                         const T al = static_cast<T>(a[j] * alpha[p]), bt = static_cast<T>(be),
+                                 ga = static_cast<T>(g0 - be * static_cast<double>(mp[p]));
+                         const T* gpp = gp + p * s;
+                         const T* xpp = xp + p * s;
+                         T* o = dxp + p * s;
+#pragma omp simd
+                         for (int64_t jj = 0; jj < s; ++jj) o[jj] = al * gpp[jj] + bt * xpp[jj] + ga;
+                       }
+                     });
+  }
+  return {dx, dw, db, dgw, dgb};
+}
+
+// BCN's reference composition in differentiable ATen operators (double backward).
+Tensor bcn_reference(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& gw,
+                     const Tensor& gb, const Tensor& mean_fixed, const Tensor& var_fixed,
+                     int64_t groups, bool per_channel, bool estimate, double eps) {
+  const int64_t n = x.size(0), c = x.size(1), per = c / groups;
+  std::vector<int64_t> spatial;
+  for (int64_t dd = 2; dd < x.dim(); ++dd) spatial.push_back(dd);
+  auto [q, m] = at::var_mean(x, spatial, /*correction=*/0, /*keepdim=*/false);
+  Tensor mean = mean_fixed, var = var_fixed;
+  if (!estimate) {
+    mean = m.mean(0);
+    var = (q + (m - mean).square()).mean(0).clamp_min(0);
+  }
+  Tensor a = at::rsqrt(var + eps);
+  Tensor bb = -mean * a;
+  if (w.defined()) {
+    a = a * w;
+    bb = bb * w + b;
+  }
+  Tensor ym = (a * m + bb).reshape({n, groups, per});
+  Tensor yq = (a.square() * q).reshape({n, groups, per});
+  Tensor gmean = ym.mean(2, true);
+  Tensor gvar = (yq + (ym - gmean).square()).mean(2, true).clamp_min(0);
+  Tensor tt = at::rsqrt(gvar + eps);
+  Tensor scale = (a.reshape({1, groups, per}) * tt).reshape({n, c});
+  Tensor shift = ((bb.reshape({1, groups, per}) - gmean) * tt).reshape({n, c});
+  if (gw.defined()) {
+    Tensor gwc = per_channel ? gw : gw.repeat_interleave(per);
+    Tensor gbc = per_channel ? gb : gb.repeat_interleave(per);
+    scale = scale * gwc;
+    shift = shift * gwc + gbc;
+  }
+  std::vector<int64_t> shape(x.dim(), 1);
+  shape[0] = n;
+  shape[1] = c;
+  return x * scale.reshape(shape) + shift.reshape(shape);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bcn_forward(
+    const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
+    const optional<Tensor>& gweight, const optional<Tensor>& gbias,
+    const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
+    const optional<Tensor>& num_batches_tracked, int64_t groups, bool per_channel,
+    bool estimate, double eps, double rate, double momentum) {
+  if (x.scalar_type() == at::kDouble) {
+    return bcn_forward_impl<double>(x, weight, bias, gweight, gbias, running_mean, running_var,
+                                    num_batches_tracked, groups, per_channel, estimate, eps,
+                                    rate, momentum);
+  }
+  return bcn_forward_impl<float>(x, weight, bias, gweight, gbias, running_mean, running_var,
+                                 num_batches_tracked, groups, per_channel, estimate, eps, rate,
+                                 momentum);
+}
+
+class BcnFunction : public torch::autograd::Function<BcnFunction> {
+ public:
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const Tensor& x, const optional<Tensor>& weight,
+      const optional<Tensor>& bias, const optional<Tensor>& gweight,
+      const optional<Tensor>& gbias, const optional<Tensor>& running_mean,
+      const optional<Tensor>& running_var, const optional<Tensor>& num_batches_tracked,
+      int64_t groups, bool per_channel, bool estimate, double eps, double rate,
+      double momentum) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto out = bcn_forward(x, weight, bias, gweight, gbias, running_mean, running_var,
+                           num_batches_tracked, groups, per_channel, estimate, eps, rate,
+                           momentum);
+    const Tensor none;
+    ctx->save_for_backward({x, weight.value_or(none), bias.value_or(none),
+                            gweight.value_or(none), gbias.value_or(none), std::get<1>(out),
+                            std::get<2>(out), std::get<3>(out), std::get<4>(out)});
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["per_channel"] = per_channel;
+    ctx->saved_data["estimate"] = estimate;
+    ctx->saved_data["eps"] = eps;
+    ctx->mark_non_differentiable(
+        {std::get<1>(out), std::get<2>(out), std::get<3>(out), std::get<4>(out)});
+    return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out),
+            std::get<4>(out)};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &w = saved[1], &b = saved[2], &gw = saved[3], &gb = saved[4];
+    const Tensor &m = saved[5], &q = saved[6], &mean = saved[7], &var = saved[8];
+    const int64_t groups = ctx->saved_data["groups"].toInt();
+    const bool per_channel = ctx->saved_data["per_channel"].toBool();
+    const bool estimate = ctx->saved_data["estimate"].toBool();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    std::array<bool, 5> needs{};
+    size_t edge = 0;
+    const std::array<const Tensor*, 5> params{&x, &w, &b, &gw, &gb};
+    for (size_t i = 0; i < 5; ++i) {
+      if (params[i]->defined()) needs[i] = ctx->needs_input_grad(edge++);
+    }
+    torch::autograd::variable_list out(14);
+    const Tensor& gy = grads[0];
+    if (!gy.defined()) return out;
+    if (at::GradMode::is_enabled()) {
+      torch::autograd::variable_list wanted;
+      for (size_t i = 0; i < 5; ++i) {
+        if (needs[i]) wanted.push_back(*params[i]);
+      }
+      if (wanted.empty()) return out;
+      Tensor y = bcn_reference(x, w, b, gw, gb, mean, var, groups, per_channel, estimate, eps);
+      auto got = torch::autograd::grad({y}, wanted, {gy}, std::nullopt, true, true);
+      size_t j = 0;
+      for (size_t i = 0; i < 5; ++i) {
+        if (needs[i]) out[i] = got[j++];
+      }
+      return out;
+    }
+    auto opt = [](const Tensor& t) { return t.defined() ? optional<Tensor>(t) : std::nullopt; };
+    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> g;
+    if (x.scalar_type() == at::kDouble) {
+      g = bcn_backward_impl<double>(gy, x, opt(w), opt(b), opt(gw), m, q, mean, var, groups,
+                                    per_channel, estimate, eps, needs);
+    } else {
+      g = bcn_backward_impl<float>(gy, x, opt(w), opt(b), opt(gw), m, q, mean, var, groups,
+                                   per_channel, estimate, eps, needs);
+    }
+    out[0] = needs[0] ? std::get<0>(g) : Tensor();
+    out[1] = needs[1] ? std::get<1>(g) : Tensor();
+    out[2] = needs[2] ? std::get<2>(g) : Tensor();
+    out[3] = needs[3] ? std::get<3>(g) : Tensor();
+    out[4] = needs[4] ? std::get<4>(g) : Tensor();
+    return out;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bcn_forward_autograd(
+    const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
+    const optional<Tensor>& gweight, const optional<Tensor>& gbias,
+    const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
+    const optional<Tensor>& num_batches_tracked, int64_t groups, bool per_channel,
+    bool estimate, double eps, double rate, double momentum) {
+  auto out = BcnFunction::apply(x, weight, bias, gweight, gbias, running_mean, running_var,
+                                num_batches_tracked, groups, per_channel, estimate, eps, rate,
+                                momentum);
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
 // The reference composition in differentiable ATen operators: batch (or per-group) statistics,
 // then both affines. Its autograd graph gives the double backward.
 Tensor reference(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& dw,
@@ -509,6 +931,11 @@ TORCH_LIBRARY(normkit_kernels, m) {
       "Tensor? index, int domain, int groups, Tensor mean, Tensor var, float eps, bool[5] mask)"
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
+      "bcn_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? group_weight, "
+      "Tensor? group_bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "Tensor(c!)? num_batches_tracked, int groups, bool per_channel, bool estimate, float eps, "
+      "float rate, float momentum) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
       "track_(Tensor(a!)? running_mean, Tensor(b!) running_var, Tensor(c!) num_batches_tracked, "
       "Tensor mean, Tensor var, Tensor count, int spatial, int row, float momentum) -> ()");
 }
@@ -517,8 +944,10 @@ TORCH_LIBRARY_IMPL(normkit_kernels, CPU, m) {
   m.impl("core_forward", &core_forward);
   m.impl("core_backward", &core_backward);
   m.impl("track_", &track_);
+  m.impl("bcn_forward", &bcn_forward);
 }
 
 TORCH_LIBRARY_IMPL(normkit_kernels, Autograd, m) {
   m.impl("core_forward", &core_forward_autograd);
+  m.impl("bcn_forward", &bcn_forward_autograd);
 }

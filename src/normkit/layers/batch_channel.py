@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normkit import _fused
+from normkit import _fused, kernels
 from normkit import functional as F
 from normkit._checks import (
     check_batch_values,
@@ -142,6 +142,10 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
         if self.training and not self.estimate and not syncing:
             check_batch_values(name, input)
         params = (self.weight, self.bias, self.group_weight, self.group_bias)
+        if self.fast and self.training and not syncing and kernels.applies(input):
+            out = self._kernel_forward(input, params)
+            if out is not None:
+                return out
         if (
             self.fast
             and self.training
@@ -162,6 +166,38 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
         mean, var = self._batch_statistics(input, m, q, syncing)
         scale, shift = self._fold(m, q, mean, var, *params)
         return F.apply_scale_shift(input, scale, shift)
+
+    def _kernel_forward(self, x: Tensor, params: tuple[Tensor | None, ...]) -> Tensor | None:
+        """The training forward as one call of normkit's compiled kernel each way
+        (:mod:`normkit.kernels`): moments, the batch part's statistics (and the update of the
+        running statistics or of the estimates), the fold and the apply; a closed-form
+        backward. None (the PyTorch path runs) for an empty input or buffers in another dtype
+        than the input."""
+        if x.numel() == 0:
+            return None
+        buffers = (self.running_mean, self.running_var)
+        if any(t is not None and t.dtype != x.dtype for t in buffers):
+            return None
+        w, b, gw, gb = (None if p is None else p if p.dtype == x.dtype else p.to(x.dtype)
+                        for p in params)  # fmt: skip
+        tracked = self.running_var is not None
+        y, *_ = torch.ops.normkit_kernels.bcn_forward(
+            x,
+            w,
+            b,
+            gw,
+            gb,
+            self.running_mean,
+            self.running_var,
+            self.num_batches_tracked if tracked else None,
+            self.num_groups,
+            self.group_affine == "per_channel",
+            self.estimate,
+            self.eps,
+            self.estimate_rate,
+            -1.0 if self.momentum is None else self.momentum,
+        )
+        return y
 
     def _fold_batch(
         self, m: Tensor, q: Tensor, _mean: Tensor, _var: Tensor, *params: Any
