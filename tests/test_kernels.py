@@ -70,11 +70,27 @@ def test_kernel_equals_reference(record: Any, kind: str | None, kernel_calls: li
 
 
 @pytest.mark.parametrize(("record", "kind"), layer_params([r for r in RECORDS if r.is_4d]))
-def test_channels_last_keeps_the_pytorch_path(
+def test_kernel_equals_reference_channels_last(
     record: Any, kind: str | None, kernel_calls: list[int]
 ) -> None:
-    _compare(record, kind, channels_last=True)
-    assert not kernel_calls
+    _compare(record, kind, channels_last=True)  # also checks the output keeps the layout
+    assert bool(kernel_calls) == (not issubclass(record.cls, _BatchRenorm))
+
+
+def test_channels_last_with_a_contiguous_output_gradient(kernel_calls: list[int]) -> None:
+    """The upstream gradient of a channels_last output may arrive in another layout."""
+    layer = nk.BatchChannelNorm2d(4, 2).to(F64)
+    ref = copy.deepcopy(layer)
+    ref.fast = False
+    x = torch.randn(3, 4, 5, 5, dtype=F64).contiguous(memory_format=torch.channels_last)
+    upstream = torch.randn(3, 4, 5, 5, dtype=F64)  # contiguous
+    grads = []
+    for module in (layer, ref):
+        xi = x.clone().requires_grad_()
+        module(xi).backward(upstream)
+        grads.append(xi.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-10)
+    assert kernel_calls
 
 
 def _tables(c: int, k: int, shared: bool, domain: bool) -> list[Tensor | None]:
@@ -191,7 +207,8 @@ def test_off_by_default_and_switchable() -> None:
     try:
         assert kernels.is_enabled() and kernels.applies(x)
         assert not kernels.applies(x.to(torch.bfloat16))
-        assert not kernels.applies(x.contiguous(memory_format=torch.channels_last))
+        assert kernels.applies(x.contiguous(memory_format=torch.channels_last))
+        assert not kernels.applies(x.transpose(2, 3))  # neither layout
         assert not kernels.applies(x[:, :, 0, 0])  # (N, C)
         assert not kernels.applies(x.to("meta"))
     finally:
@@ -273,3 +290,36 @@ def test_bcn_kernel_gradcheck_and_gradgradcheck(
     inputs = (x, w, b) + ((gw, gb) if group_affine else ())
     assert gradcheck(fn, inputs)
     assert gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("layer_name", ["sabn-split", "bcn-estimate"])
+def test_blocks_and_chunks_of_a_larger_input(
+    channels_last: bool, layer_name: str, kernel_calls: list[int]
+) -> None:
+    """130 channels (blocks of 64 and a remainder in channels_last) and 4,550 positions (more
+    than one chunk of the sums before a flush to double)."""
+    if layer_name == "sabn-split":
+        layer: torch.nn.Module = nk.SandwichBatchNorm2d(130, 3, split_stats=True)
+        args: tuple[Any, ...] = (torch.tensor([2, 0]),)
+    else:
+        layer = nk.BatchChannelNorm2d(130, 26, estimate=True)
+        args = ()
+    layer = layer.to(F64).train()
+    ref = copy.deepcopy(layer)
+    ref.fast = False
+    x = torch.randn(2, 130, 70, 65, dtype=F64) * 3 + 2
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    upstream = torch.randn(x.shape, dtype=F64)
+    results = []
+    for module in (layer, ref):
+        xi = x.clone().requires_grad_()
+        y = module(xi, *args)
+        y.backward(upstream)
+        results.append((y, xi.grad, *(p.grad for p in module.parameters())))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for (name, got), want in zip(layer.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
+    assert kernel_calls

@@ -5,15 +5,16 @@ The layers run on pure PyTorch everywhere. On a machine with a C++ compiler (and
 (about 20 s; later processes load the cached build in well under a second), registers its
 operators with the dispatcher as ``torch.ops.normkit_kernels.*``, and turns them on: from then
 on the eager training forward and backward of the batch-norm core (Sandwich BN, CCBN, AuxBN,
-:class:`normkit.SyncBatchNorm` without a process group, InputNorm, BNET's normalization) on
-contiguous float32 and float64 CPU inputs of rank 3 to 5 each run as one operator call instead
-of dozens. Everything else (other layouts and dtypes, GPU tensors, eval, synchronized
-statistics, ``torch.compile``/``torch.export`` tracing) keeps the PyTorch path.
+:class:`normkit.SyncBatchNorm` without a process group, InputNorm, BNET's normalization) and of
+Batch-Channel Normalization (both modes) on float32 and float64 CPU inputs of rank 3 to 5,
+contiguous or channels_last, each run as one operator call instead of dozens, its autograd node
+in C++ too. Everything else (other dtypes, GPU tensors, eval, synchronized statistics, batch
+renormalization, ``torch.compile``/``torch.export`` tracing) keeps the PyTorch path.
 
-The kernel computes the same function as the PyTorch path (``tests/test_kernels.py`` checks it
-to 1e-10 in float64, forward, backward and double backward, for every configuration of the
-core). Its statistics are per-(sample, channel) shifted sums merged per channel in double
-precision.
+The kernels compute the same functions as the PyTorch paths (``tests/test_kernels.py`` checks
+them to 1e-10 in float64, forward, backward and double backward, for every configuration of
+these layers in the layer table, both layouts). Statistics are per-(sample, channel) shifted
+sums in float lanes, flushed to and merged in double precision.
 
 Example::
 
@@ -145,15 +146,20 @@ def is_available(verbose: bool = False) -> bool:
 
 
 def applies(x: Tensor) -> bool:
-    """Whether an enabled kernel takes the training forward of ``x``: a contiguous float32 or
-    float64 CPU tensor of rank 3 to 5 (the caller has checked everything else)."""
-    return (
+    """Whether an enabled kernel takes the training forward of ``x``: a float32 or float64 CPU
+    tensor of rank 3 to 5, contiguous or channels_last (the caller has checked the rest)."""
+    if not (
         _enabled
         and x.device.type == "cpu"
         and 2 < x.dim() < 6
         and (x.dtype == torch.float32 or x.dtype == torch.float64)
-        and x.is_contiguous()
-    )
+    ):
+        return False
+    if x.is_contiguous():
+        return True
+    if x.dim() == 4:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    return x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 def track_(

@@ -1,17 +1,19 @@
-// normkit's CPU kernel for the batch-norm core (normkit.layers.core): batch statistics of a
-// contiguous (N, C, *S) input, over the whole batch or per group of samples, and one folded
-// per-(sample, channel) affine, forward and closed-form backward, each in two passes over the
-// activation. Built on demand by normkit.kernels; the PyTorch path in normkit._fused is the
-// specification, and tests/test_kernels.py checks this file against it in float64.
+// normkit's compiled CPU kernels (built on demand by normkit.kernels; the PyTorch paths in
+// normkit._fused and the layers are the specification, and tests/test_kernels.py checks this
+// file against them in float64).
 //
-// With x̂ = (x − μ_g) / sqrt(σ²_g + eps) (g the sample's statistics group: 0 for the whole
-// batch, or its domain), k the sample's domain, γ, β the optional shared (C,) affine and
-// γ_k, β_k the optional per-domain (K, C) affine:
+// * core_forward: the batch-norm core (normkit.layers.core). With x̂ = (x − μ_g) / sqrt(σ²_g +
+//   eps) (g the sample's statistics group: 0 for the whole batch, or its domain), k the
+//   sample's domain, γ, β the optional shared (C,) affine and γ_k, β_k the optional per-domain
+//   (K, C) affine: y = γ_k ⊙ (γ ⊙ x̂ + β) + β_k = a[n, c] · x + b[n, c].
+// * bcn_forward: Batch-Channel Normalization (normkit.layers.batch_channel).
+// * track_: the running-statistics update (normkit._stats.track_batch_).
 //
-//     y = γ_k ⊙ (γ ⊙ x̂ + β) + β_k = a[n, c] · x + b[n, c].
-//
-// Statistics: per (sample, channel) plane, shifted sums of x − x[n, c, 0] in float lanes
-// flushed to double every kChunk values; planes merged per group in double (Chan's formula).
+// Both layers run in the same three steps each way: per-(sample, channel) sums in one pass over
+// the activation, arithmetic on (N, C) arrays, one elementwise pass. The passes exist for two
+// layouts: contiguous (N, C, *S), one plane per (n, c), and channels_last (N, *S, C), rows
+// of C. Moments are shifted sums of x − x[n, c, first] in T lanes flushed to double every kChunk
+// values, so that a mean far from zero costs no precision.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -30,7 +32,40 @@ namespace {
 using at::Tensor;
 using c10::optional;
 
-constexpr int64_t kChunk = 4096;
+constexpr int64_t kChunk = 4096;  // values summed in T before a flush to double
+constexpr int64_t kWidth = 64;    // channels per task in the channels_last passes
+constexpr int64_t kGrain = 32768;  // values per parallel task, as ATen's grain
+
+// ---- The passes over the activation, per layout ---------------------------------------------
+
+struct Shape {
+  int64_t n, c, s;
+  bool last;  // channels_last: (N, *S, C) in memory
+};
+
+Shape shape_of(const Tensor& x, const char* what) {
+  TORCH_CHECK(x.dim() > 2 && x.dim() < 6, what, ": an (N, C, *S) input of rank 3 to 5");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, what,
+              ": float32 or float64 input");
+  const bool plain = x.is_contiguous();
+  const bool last = !plain && ((x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+                               (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)));
+  TORCH_CHECK(plain || last, what, ": a contiguous or channels_last input");
+  const int64_t n = x.size(0), c = x.size(1);
+  return {n, c, n * c == 0 ? 0 : x.numel() / (n * c), last};
+}
+
+// The same tensor (or a copy) in the layout of x.
+Tensor like(const Tensor& t, const Shape& d, const Tensor& x) {
+  return d.last ? t.contiguous(x.suggest_memory_format()) : t.contiguous();
+}
+
+int64_t plane_grain(int64_t s) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, s)); }
+
+// Tasks of the channels_last passes: (sample, block of kWidth channels).
+int64_t block_grain(int64_t s) {
+  return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, s * kWidth));
+}
 
 // Σ (p[i] − f) and Σ (p[i] − f)² over one plane, in double.
 template <typename T>
@@ -51,41 +86,179 @@ void plane_sums(const T* p, int64_t s, T f, double& sum, double& sq) {
   }
 }
 
-// Σ g and Σ g · (x − m) over one plane, in double.
+// Per-(n, c) mean m and biased variance q, in double.
 template <typename T>
-void grad_sums(const T* g, const T* x, int64_t s, T m, double& sa, double& sp) {
-  sa = 0.0;
-  sp = 0.0;
-  for (int64_t start = 0; start < s; start += kChunk) {
-    const int64_t end = std::min(s, start + kChunk);
-    T a = 0, b = 0;
-#pragma omp simd reduction(+ : a, b)
-    for (int64_t i = start; i < end; ++i) {
-      a += g[i];
-      b += g[i] * (x[i] - m);
-    }
-    sa += static_cast<double>(a);
-    sp += static_cast<double>(b);
+void moments(const T* x, const Shape& d, double* m, double* q) {
+  const double inv_s = 1.0 / static_cast<double>(d.s);
+  auto finish = [&](int64_t at, double f, double sum, double sq) {
+    const double mean_d = sum * inv_s;
+    m[at] = f + mean_d;
+    q[at] = std::max(0.0, sq * inv_s - mean_d * mean_d);
+  };
+  if (!d.last) {
+    at::parallel_for(0, d.n * d.c, plane_grain(d.s), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const T* row = x + p * d.s;
+        double sum, sq;
+        plane_sums<T>(row, d.s, row[0], sum, sq);
+        finish(p, static_cast<double>(row[0]), sum, sq);
+      }
+    });
+    return;
   }
+  const int64_t blocks = (d.c + kWidth - 1) / kWidth;
+  at::parallel_for(0, d.n * blocks, block_grain(d.s), [&](int64_t t0, int64_t t1) {
+    T f[kWidth], a[kWidth], b[kWidth];
+    double sum[kWidth], sq[kWidth];
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t i = task / blocks, c0 = (task % blocks) * kWidth;
+      const int64_t w = std::min(kWidth, d.c - c0);
+      const T* base = x + i * d.s * d.c + c0;
+      for (int64_t j = 0; j < w; ++j) {
+        f[j] = base[j];
+        sum[j] = 0.0;
+        sq[j] = 0.0;
+      }
+      for (int64_t start = 0; start < d.s; start += kChunk) {
+        const int64_t end = std::min(d.s, start + kChunk);
+        std::fill(a, a + w, T(0));
+        std::fill(b, b + w, T(0));
+        for (int64_t r = start; r < end; ++r) {
+          const T* row = base + r * d.c;
+#pragma omp simd
+          for (int64_t j = 0; j < w; ++j) {
+            const T v = row[j] - f[j];
+            a[j] += v;
+            b[j] += v * v;
+          }
+        }
+        for (int64_t j = 0; j < w; ++j) {
+          sum[j] += static_cast<double>(a[j]);
+          sq[j] += static_cast<double>(b[j]);
+        }
+      }
+      for (int64_t j = 0; j < w; ++j) {
+        finish(i * d.c + c0 + j, static_cast<double>(f[j]), sum[j], sq[j]);
+      }
+    }
+  });
 }
 
-struct Layout {
-  int64_t n, c, s, k, groups;
-};
-
-Layout check_args(const Tensor& x, const optional<Tensor>& index, int64_t groups) {
-  TORCH_CHECK(x.dim() > 2 && x.is_contiguous(), "normkit core kernel: contiguous (N, C, *S) input");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "normkit core kernel: float32 or float64 input");
-  const int64_t n = x.size(0), c = x.size(1);
-  const int64_t s = n * c == 0 ? 0 : x.numel() / (n * c);
-  if (index.has_value()) {
-    TORCH_CHECK(index->scalar_type() == at::kLong && index->dim() == 1 && index->size(0) == n &&
-                    index->is_contiguous(),
-                "normkit core kernel: index of shape (N,), int64");
+// Σ g and Σ g · (x − centre) per (n, c), in double; centre (N, C) in T.
+template <typename T>
+void grad_sums(const T* g, const T* x, const Shape& d, const T* centre, double* sa, double* sp) {
+  if (!d.last) {
+    at::parallel_for(0, d.n * d.c, plane_grain(d.s), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const T* gp = g + p * d.s;
+        const T* xp = x + p * d.s;
+        const T m = centre[p];
+        double a_sum = 0.0, p_sum = 0.0;
+        for (int64_t start = 0; start < d.s; start += kChunk) {
+          const int64_t end = std::min(d.s, start + kChunk);
+          T a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+          for (int64_t i = start; i < end; ++i) {
+            a += gp[i];
+            b += gp[i] * (xp[i] - m);
+          }
+          a_sum += static_cast<double>(a);
+          p_sum += static_cast<double>(b);
+        }
+        sa[p] = a_sum;
+        sp[p] = p_sum;
+      }
+    });
+    return;
   }
-  TORCH_CHECK(groups == 0 || index.has_value(), "normkit core kernel: groups need an index");
-  return {n, c, s, 0, groups};
+  const int64_t blocks = (d.c + kWidth - 1) / kWidth;
+  at::parallel_for(0, d.n * blocks, block_grain(d.s), [&](int64_t t0, int64_t t1) {
+    T a[kWidth], b[kWidth];
+    double a_sum[kWidth], p_sum[kWidth];
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t i = task / blocks, c0 = (task % blocks) * kWidth;
+      const int64_t w = std::min(kWidth, d.c - c0);
+      const T* gb = g + i * d.s * d.c + c0;
+      const T* xb = x + i * d.s * d.c + c0;
+      const T* m = centre + i * d.c + c0;
+      std::fill(a_sum, a_sum + w, 0.0);
+      std::fill(p_sum, p_sum + w, 0.0);
+      for (int64_t start = 0; start < d.s; start += kChunk) {
+        const int64_t end = std::min(d.s, start + kChunk);
+        std::fill(a, a + w, T(0));
+        std::fill(b, b + w, T(0));
+        for (int64_t r = start; r < end; ++r) {
+          const T* gr = gb + r * d.c;
+          const T* xr = xb + r * d.c;
+#pragma omp simd
+          for (int64_t j = 0; j < w; ++j) {
+            a[j] += gr[j];
+            b[j] += gr[j] * (xr[j] - m[j]);
+          }
+        }
+        for (int64_t j = 0; j < w; ++j) {
+          a_sum[j] += static_cast<double>(a[j]);
+          p_sum[j] += static_cast<double>(b[j]);
+        }
+      }
+      for (int64_t j = 0; j < w; ++j) {
+        sa[i * d.c + c0 + j] = a_sum[j];
+        sp[i * d.c + c0 + j] = p_sum[j];
+      }
+    }
+  });
+}
+
+// out = α[n, c] · g + β[n, c] · x + γ[n, c]; without g (null) out = β · x + γ.
+template <typename T>
+void affine_pass(const T* g, const T* x, T* out, const Shape& d, const std::vector<double>& alpha,
+                 const std::vector<double>& beta, const std::vector<double>& gamma) {
+  const int64_t nc = d.n * d.c;
+  std::vector<T> al(g ? nc : 0), be(nc), ga(nc);
+  for (int64_t p = 0; p < nc; ++p) {
+    if (g) al[p] = static_cast<T>(alpha[p]);
+    be[p] = static_cast<T>(beta[p]);
+    ga[p] = static_cast<T>(gamma[p]);
+  }
+  if (!d.last) {
+    at::parallel_for(0, nc, plane_grain(d.s), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const T* xp = x + p * d.s;
+        T* op = out + p * d.s;
+        const T b = be[p], c = ga[p];
+        if (g) {
+          const T* gp = g + p * d.s;
+          const T a = al[p];
+#pragma omp simd
+          for (int64_t i = 0; i < d.s; ++i) op[i] = a * gp[i] + b * xp[i] + c;
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < d.s; ++i) op[i] = b * xp[i] + c;
+        }
+      }
+    });
+    return;
+  }
+  // Rows of C values; one task is a range of rows of one sample or more.
+  at::parallel_for(0, d.n * d.s, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, d.c)),
+                   [&](int64_t r0, int64_t r1) {
+                     for (int64_t r = r0; r < r1; ++r) {
+                       const int64_t i = r / d.s;
+                       const T* xr = x + r * d.c;
+                       T* orow = out + r * d.c;
+                       const T* b = be.data() + i * d.c;
+                       const T* c = ga.data() + i * d.c;
+                       if (g) {
+                         const T* gr = g + r * d.c;
+                         const T* a = al.data() + i * d.c;
+#pragma omp simd
+                         for (int64_t j = 0; j < d.c; ++j) orow[j] = a[j] * gr[j] + b[j] * xr[j] + c[j];
+                       } else {
+#pragma omp simd
+                         for (int64_t j = 0; j < d.c; ++j) orow[j] = b[j] * xr[j] + c[j];
+                       }
+                     }
+                   });
 }
 
 template <typename T>
@@ -93,7 +266,9 @@ const T* ptr_or_null(const optional<Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
 }
 
-// Per-(sample) domain and statistics group.
+// ---- The batch-norm core ------------------------------------------------------------------------
+
+// Per-sample domain k and statistics group g.
 struct Index {
   const int64_t* idx;
   int64_t domain;
@@ -102,9 +277,18 @@ struct Index {
   int64_t g(int64_t n) const { return split ? idx[n] : 0; }
 };
 
-// Per-group counts of the samples, their reciprocals (0 for an empty group) and the
-// reciprocals of the value counts: divisions hoisted out of the per-channel loops, where their
-// latency (not their number) bounds small inputs.
+Index index_of(const Tensor& x, const optional<Tensor>& index, int64_t domain, int64_t groups) {
+  if (index.has_value()) {
+    TORCH_CHECK(index->scalar_type() == at::kLong && index->dim() == 1 &&
+                    index->size(0) == x.size(0) && index->is_contiguous(),
+                "normkit core kernel: index of shape (N,), int64");
+  }
+  TORCH_CHECK(groups == 0 || index.has_value(), "normkit core kernel: groups need an index");
+  return {index.has_value() ? index->data_ptr<int64_t>() : nullptr, domain, groups > 0};
+}
+
+// Samples per statistics group and reciprocals (0 for an empty group) of the sample and value
+// counts: divisions hoisted out of the per-channel loops.
 struct Counts {
   std::vector<int64_t> samples;
   std::vector<double> inv_samples, inv_values;
@@ -127,89 +311,75 @@ Counts count_groups(const Index& ix, int64_t n, int64_t ng, int64_t s) {
   return k;
 }
 
-// Channels per parallel task: about 32k values each, as ATen's grain.
-int64_t channel_grain(int64_t n, int64_t s) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, n * s));
-}
-
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(
     const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
     const optional<Tensor>& dweight, const optional<Tensor>& dbias, const optional<Tensor>& index,
     int64_t domain, int64_t groups, double eps) {
-  const Layout l = check_args(x, index, groups);
-  const int64_t n = l.n, c = l.c, s = l.s;
+  const Shape d = shape_of(x, "normkit core kernel");
+  const int64_t n = d.n, c = d.c, s = d.s;
   const int64_t ng = groups > 0 ? groups : 1;
+  const Index ix = index_of(x, index, domain, groups);
+  const Counts cnt = count_groups(ix, n, ng, s);
   auto opts = x.options();
   Tensor y = at::empty_like(x);
-  Tensor mean = at::empty({ng, c}, opts);
-  Tensor var = at::empty({ng, c}, opts);
+  Tensor mean = at::empty({ng, c}, opts), var = at::empty({ng, c}, opts);
   Tensor count = at::empty({ng}, opts);
-  const Index ix{index.has_value() ? index->data_ptr<int64_t>() : nullptr, domain, groups > 0};
-  const Counts cnt = count_groups(ix, n, ng, s);
   T* cp = count.data_ptr<T>();
   for (int64_t g = 0; g < ng; ++g) cp[g] = static_cast<T>(cnt.samples[g]);
-  const T* xp = x.data_ptr<T>();
-  T* yp = y.data_ptr<T>();
+  std::vector<double> m(n * c), q(n * c);
+  moments<T>(x.data_ptr<T>(), d, m.data(), q.data());
+  // Group statistics from the plane moments (Chan's merge), rounded to T as the PyTorch path
+  // stores them, and the inverse std from the rounded variance.
   T* mp = mean.data_ptr<T>();
   T* vp = var.data_ptr<T>();
+  std::vector<double> gm(ng * c, 0.0), inv(ng * c, 0.0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t g = ix.g(i);
+    for (int64_t ch = 0; ch < c; ++ch) gm[g * c + ch] += m[i * c + ch];
+  }
+  for (int64_t g = 0; g < ng; ++g) {
+    for (int64_t ch = 0; ch < c; ++ch) gm[g * c + ch] *= cnt.inv_samples[g];
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t g = ix.g(i);
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const double e = m[i * c + ch] - gm[g * c + ch];
+      inv[g * c + ch] += (q[i * c + ch] + e * e) * static_cast<double>(s);
+    }
+  }
+  for (int64_t j = 0; j < ng * c; ++j) {
+    const int64_t g = j / c;
+    mp[j] = static_cast<T>(gm[j]);
+    vp[j] = static_cast<T>(inv[j] * cnt.inv_values[g]);
+    gm[j] = static_cast<double>(mp[j]);
+    inv[j] = static_cast<double>(vp[j]) + eps;
+  }
+  for (int64_t j = 0; j < ng * c; ++j) inv[j] = 1.0 / std::sqrt(inv[j]);
+  // The folded affine.
   const T* w = ptr_or_null<T>(weight);
   const T* b = ptr_or_null<T>(bias);
   const T* dw = ptr_or_null<T>(dweight);
   const T* db = ptr_or_null<T>(dbias);
-  const double inv_s = 1.0 / static_cast<double>(s);
-  at::parallel_for(0, c, channel_grain(n, s), [&](int64_t c0, int64_t c1) {
-    const int64_t width = c1 - c0;
-    std::vector<double> pm(n), pq(n), gm(ng), gq(ng), mu(ng * width), inv(ng * width);
-    // Statistics of every channel of the task.
-    for (int64_t ch = c0; ch < c1; ++ch) {
-      for (int64_t i = 0; i < n; ++i) {
-        const T* p = xp + (i * c + ch) * s;
-        double sum, sq;
-        plane_sums<T>(p, s, p[0], sum, sq);
-        pm[i] = static_cast<double>(p[0]) + sum * inv_s;
-        pq[i] = std::max(0.0, sq - sum * sum * inv_s);
+  std::vector<double> scale(n * c), shift(n * c);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t g = ix.g(i), k = ix.k(i);
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const int64_t at_g = g * c + ch;
+      double a = inv[at_g], sh = -gm[at_g] * inv[at_g];
+      if (w) {
+        sh = sh * w[ch] + b[ch];
+        a *= w[ch];
       }
-      std::fill(gm.begin(), gm.end(), 0.0);
-      std::fill(gq.begin(), gq.end(), 0.0);
-      for (int64_t i = 0; i < n; ++i) gm[ix.g(i)] += pm[i];
-      for (int64_t g = 0; g < ng; ++g) gm[g] *= cnt.inv_samples[g];
-      for (int64_t i = 0; i < n; ++i) {
-        const double d = pm[i] - gm[ix.g(i)];
-        gq[ix.g(i)] += pq[i] + static_cast<double>(s) * d * d;
+      if (dw) {
+        sh = sh * dw[k * c + ch] + db[k * c + ch];
+        a *= dw[k * c + ch];
       }
-      for (int64_t g = 0; g < ng; ++g) {
-        const T m = static_cast<T>(gm[g]), v = static_cast<T>(gq[g] * cnt.inv_values[g]);
-        mp[g * c + ch] = m;
-        vp[g * c + ch] = v;
-        // From the stored (rounded) values, as the PyTorch path computes them.
-        mu[g * width + ch - c0] = static_cast<double>(m);
-        inv[g * width + ch - c0] = static_cast<double>(v) + eps;
-      }
+      scale[i * c + ch] = a;
+      shift[i * c + ch] = sh;
     }
-    // Inverse standard deviations, in one loop that pipelines.
-    for (int64_t j = 0; j < ng * width; ++j) inv[j] = 1.0 / std::sqrt(inv[j]);
-    // The folded affine, one pass per plane.
-    for (int64_t ch = c0; ch < c1; ++ch) {
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t g = ix.g(i), k = ix.k(i), at_g = g * width + ch - c0;
-        double a = inv[at_g], sh = -mu[at_g] * inv[at_g];
-        if (w) {
-          sh = sh * w[ch] + b[ch];
-          a *= w[ch];
-        }
-        if (dw) {
-          sh = sh * dw[k * c + ch] + db[k * c + ch];
-          a *= dw[k * c + ch];
-        }
-        const T at = static_cast<T>(a), bt = static_cast<T>(sh);
-        const T* p = xp + (i * c + ch) * s;
-        T* q = yp + (i * c + ch) * s;
-#pragma omp simd
-        for (int64_t j = 0; j < s; ++j) q[j] = at * p[j] + bt;
-      }
-    }
-  });
+  }
+  affine_pass<T>(nullptr, x.data_ptr<T>(), y.data_ptr<T>(), d, {}, scale, shift);
   return {y, mean, var, count};
 }
 
@@ -219,81 +389,77 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
     const optional<Tensor>& bias, const optional<Tensor>& dweight, const optional<Tensor>& index,
     int64_t domain, int64_t groups, const Tensor& mean, const Tensor& var, double eps,
     std::array<bool, 5> mask) {
-  const Layout l = check_args(x, index, groups);
-  const int64_t n = l.n, c = l.c, s = l.s;
+  const Shape d = shape_of(x, "normkit core kernel");
+  const int64_t n = d.n, c = d.c, s = d.s;
   const int64_t ng = groups > 0 ? groups : 1;
-  const Tensor gy = gy_in.contiguous();
+  const Index ix = index_of(x, index, domain, groups);
+  const Counts cnt = count_groups(ix, n, ng, s);
+  const Tensor gy = like(gy_in, d, x);
   const int64_t kd = dweight.has_value() ? dweight->size(0) : 0;
   auto opts = x.options();
-  Tensor dx = mask[0] ? at::empty_like(x) : Tensor();
-  Tensor gw = mask[1] && weight.has_value() ? at::empty({c}, opts) : Tensor();
-  Tensor gb = mask[2] && weight.has_value() ? at::empty({c}, opts) : Tensor();
-  Tensor gdw = mask[3] && kd ? at::zeros({kd, c}, opts) : Tensor();
-  Tensor gdb = mask[4] && kd ? at::zeros({kd, c}, opts) : Tensor();
-  const Index ix{index.has_value() ? index->data_ptr<int64_t>() : nullptr, domain, groups > 0};
-  const Counts cnt = count_groups(ix, n, ng, s);
-  const T* xp = x.data_ptr<T>();
-  const T* gp = gy.data_ptr<T>();
-  T* dxp = mask[0] ? dx.data_ptr<T>() : nullptr;
   const T* mp = mean.data_ptr<T>();
   const T* vp = var.data_ptr<T>();
   const T* w = ptr_or_null<T>(weight);
   const T* b = ptr_or_null<T>(bias);
   const T* dw = ptr_or_null<T>(dweight);
-  T* gwp = gw.defined() ? gw.data_ptr<T>() : nullptr;
-  T* gbp = gb.defined() ? gb.data_ptr<T>() : nullptr;
-  T* gdwp = gdw.defined() ? gdw.data_ptr<T>() : nullptr;
-  T* gdbp = gdb.defined() ? gdb.data_ptr<T>() : nullptr;
-  at::parallel_for(0, c, channel_grain(n, s), [&](int64_t c0, int64_t c1) {
-    const int64_t width = c1 - c0;
-    std::vector<double> sa(ng), sb(ng), beta(ng), gamma(ng), tot(n), inv(ng * width);
-    for (int64_t g = 0; g < ng; ++g) {
-      for (int64_t ch = c0; ch < c1; ++ch) {
-        inv[g * width + ch - c0] = static_cast<double>(vp[g * c + ch]) + eps;
-      }
-    }
-    for (int64_t j = 0; j < ng * width; ++j) inv[j] = 1.0 / std::sqrt(inv[j]);
-    for (int64_t ch = c0; ch < c1; ++ch) {
-      std::fill(sa.begin(), sa.end(), 0.0);
-      std::fill(sb.begin(), sb.end(), 0.0);
-      double sw = 0.0, sbias = 0.0;
+  std::vector<T> centre(n * c);
+  for (int64_t i = 0; i < n; ++i) {
+    std::copy(mp + ix.g(i) * c, mp + (ix.g(i) + 1) * c, centre.begin() + i * c);
+  }
+  std::vector<double> sa(n * c), sp(n * c), inv(ng * c);
+  grad_sums<T>(gy.data_ptr<T>(), x.data_ptr<T>(), d, centre.data(), sa.data(), sp.data());
+  for (int64_t j = 0; j < ng * c; ++j) inv[j] = 1.0 / std::sqrt(static_cast<double>(vp[j]) + eps);
+  // Per (n, c): B = Σ g · x̂ = P · invstd; the parameter gradients; and the group sums of the
+  // total scale on x̂ times A and B.
+  std::vector<double> tot(n * c), ga(ng * c, 0.0), gb(ng * c, 0.0), gw(c, 0.0), gbias(c, 0.0);
+  std::vector<double> gdw(kd * c, 0.0), gdb(kd * c, 0.0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t g = ix.g(i), k = ix.k(i);
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const int64_t p = i * c + ch;
+      const double a = sa[p], bb = sp[p] * inv[g * c + ch];
+      const double gk = dw ? static_cast<double>(dw[k * c + ch]) : 1.0;
       const double wc = w ? static_cast<double>(w[ch]) : 1.0;
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t g = ix.g(i), k = ix.k(i);
-        double a, p;
-        grad_sums<T>(gp + (i * c + ch) * s, xp + (i * c + ch) * s, s, mp[g * c + ch], a, p);
-        const double bb = p * inv[g * width + ch - c0];  // Σ g · x̂
-        const double gk = dw ? static_cast<double>(dw[k * c + ch]) : 1.0;
-        if (gdwp) gdwp[k * c + ch] += static_cast<T>(w ? wc * bb + b[ch] * a : bb);
-        if (gdbp) gdbp[k * c + ch] += static_cast<T>(a);
-        sw += gk * bb;
-        sbias += gk * a;
-        tot[i] = wc * gk;  // the total scale on x̂
-        sa[g] += tot[i] * a;
-        sb[g] += tot[i] * bb;
+      if (kd) {
+        gdw[k * c + ch] += w ? wc * bb + static_cast<double>(b[ch]) * a : bb;
+        gdb[k * c + ch] += a;
       }
-      if (gwp) gwp[ch] = static_cast<T>(sw);
-      if (gbp) gbp[ch] = static_cast<T>(sbias);
-      if (!dxp) continue;
-      // ∂x = inv · tot · g + β · x + γ per plane, β and γ per group.
-      for (int64_t g = 0; g < ng; ++g) {
-        const double iv = inv[g * width + ch - c0], m = -cnt.inv_values[g];
-        beta[g] = iv * iv * sb[g] * m;
-        gamma[g] = iv * sa[g] * m - static_cast<double>(mp[g * c + ch]) * beta[g];
-      }
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t g = ix.g(i);
-        const T al = static_cast<T>(inv[g * width + ch - c0] * tot[i]);
-        const T be = static_cast<T>(beta[g]), ga = static_cast<T>(gamma[g]);
-        const T* gpp = gp + (i * c + ch) * s;
-        const T* xpp = xp + (i * c + ch) * s;
-        T* q = dxp + (i * c + ch) * s;
-#pragma omp simd
-        for (int64_t j = 0; j < s; ++j) q[j] = al * gpp[j] + be * xpp[j] + ga;
+      gw[ch] += gk * bb;
+      gbias[ch] += gk * a;
+      tot[p] = wc * gk;
+      ga[g * c + ch] += tot[p] * a;
+      gb[g * c + ch] += tot[p] * bb;
+    }
+  }
+  auto to_tensor = [&](const std::vector<double>& v, std::vector<int64_t> size) {
+    Tensor t = at::empty(size, opts);
+    T* o = t.data_ptr<T>();
+    for (size_t j = 0; j < v.size(); ++j) o[j] = static_cast<T>(v[j]);
+    return t;
+  };
+  Tensor t_gw = mask[1] && w ? to_tensor(gw, {c}) : Tensor();
+  Tensor t_gb = mask[2] && w ? to_tensor(gbias, {c}) : Tensor();
+  Tensor t_gdw = mask[3] && kd ? to_tensor(gdw, {kd, c}) : Tensor();
+  Tensor t_gdb = mask[4] && kd ? to_tensor(gdb, {kd, c}) : Tensor();
+  Tensor dx;
+  if (mask[0]) {
+    // ∂x = invstd · (tot · g − Σ_G tot A / M − x̂ · Σ_G tot B / M) = α g + β x + γ.
+    std::vector<double> alpha(n * c), beta(n * c), gamma(n * c);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t g = ix.g(i);
+      const double mneg = -cnt.inv_values[g];
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const int64_t p = i * c + ch, at_g = g * c + ch;
+        const double iv = inv[at_g];
+        alpha[p] = iv * tot[p];
+        beta[p] = iv * iv * gb[at_g] * mneg;
+        gamma[p] = iv * ga[at_g] * mneg - static_cast<double>(mp[at_g]) * beta[p];
       }
     }
-  });
-  return {dx, gw, gb, gdw, gdb};
+    dx = at::empty_like(x);
+    affine_pass<T>(gy.data_ptr<T>(), x.data_ptr<T>(), dx.data_ptr<T>(), d, alpha, beta, gamma);
+  }
+  return {dx, t_gw, t_gb, t_gdw, t_gdb};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> core_forward(
@@ -379,39 +545,29 @@ void track_(const optional<Tensor>& running_mean, const Tensor& running_var,
 //
 // x1 = a_c x + b_c (the batch part: a = γ_b / sqrt(σ²_c + eps), b = β_b − μ_c a, with the batch's
 // or the estimated μ, σ²), then a group norm of x1 per (sample, group) and the group affine:
-// y = scale[n, c] x + shift[n, c]. The group moments of x1 follow from the plane moments m, q of
-// x in closed form, so the forward is one reduction pass and one apply pass.
+// y = scale[n, c] x + shift[n, c]. The group moments of x1 follow from the moments m, q of x in
+// closed form, so the forward is one reduction pass and one apply pass.
 
-struct BcnShape {
-  int64_t n, c, s, groups, per;
+struct Groups {
+  int64_t groups, per;
+  bool per_channel;  // a group affine per channel (else per group)
 };
 
-// Per-(n, c) mean m and biased variance q of every plane, in double then rounded to T.
-template <typename T>
-void bcn_plane_moments(const T* xp, const BcnShape& d, T* mp, T* qp) {
-  const double inv_s = 1.0 / static_cast<double>(d.s);
-  at::parallel_for(0, d.n * d.c, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, d.s)),
-                   [&](int64_t p0, int64_t p1) {
-                     for (int64_t p = p0; p < p1; ++p) {
-                       const T* row = xp + p * d.s;
-                       double sum, sq;
-                       plane_sums<T>(row, d.s, row[0], sum, sq);
-                       const double mean_d = sum * inv_s;
-                       mp[p] = static_cast<T>(static_cast<double>(row[0]) + mean_d);
-                       qp[p] = static_cast<T>(std::max(0.0, sq * inv_s - mean_d * mean_d));
-                     }
-                   });
+Groups groups_of(const Shape& d, int64_t groups, bool per_channel) {
+  TORCH_CHECK(d.n * d.c * d.s > 0, "normkit bcn kernel: a non-empty input");
+  TORCH_CHECK(groups > 0 && d.c % groups == 0, "normkit bcn kernel: groups must divide C");
+  return {groups, d.c / groups, per_channel};
 }
 
 // The batch part (a, b) per channel and the group part per (n, g): mean gm and inverse std t,
-// in double. `scale` and `shift` (N, C) fold everything.
+// in double; with gw (and gb) given, also the folded scale and shift (N, C).
 template <typename T>
-void bcn_fold(const BcnShape& d, const T* mp, const T* qp, const std::vector<double>& mean,
-              const std::vector<double>& var, const T* w, const T* b, const T* gw, const T* gb,
-              bool per_channel, double eps, std::vector<double>& a, std::vector<double>& bb,
-              std::vector<double>& gm, std::vector<double>& t, std::vector<double>& scale,
-              std::vector<double>& shift) {
-  const int64_t n = d.n, c = d.c, groups = d.groups, per = d.per;
+void bcn_fold(const Shape& d, const Groups& gr, const T* mp, const T* qp,
+              const std::vector<double>& mean, const std::vector<double>& var, const T* w,
+              const T* b, const T* gw, const T* gb, double eps, std::vector<double>& a,
+              std::vector<double>& bb, std::vector<double>& gm, std::vector<double>& t,
+              std::vector<double>& scale, std::vector<double>& shift) {
+  const int64_t n = d.n, c = d.c, groups = gr.groups, per = gr.per;
   for (int64_t ch = 0; ch < c; ++ch) {
     const double inv = 1.0 / std::sqrt(var[ch] + eps);
     a[ch] = w ? inv * static_cast<double>(w[ch]) : inv;
@@ -430,12 +586,13 @@ void bcn_fold(const BcnShape& d, const T* mp, const T* qp, const std::vector<dou
         const double e = a[j] * static_cast<double>(mp[i * c + j]) + bb[j] - sm;
         sv += a[j] * a[j] * static_cast<double>(qp[i * c + j]) + e * e;
       }
+      const double tg = 1.0 / std::sqrt(std::max(0.0, sv * inv_per) + eps);
       gm[i * groups + g] = sm;
-      t[i * groups + g] = 1.0 / std::sqrt(std::max(0.0, sv * inv_per) + eps);
+      t[i * groups + g] = tg;
       for (int64_t j = g * per; j < (g + 1) * per; ++j) {
-        double sc = a[j] * t[i * groups + g], sh = (bb[j] - sm) * t[i * groups + g];
+        double sc = a[j] * tg, sh = (bb[j] - sm) * tg;
         if (gw) {
-          const int64_t k = per_channel ? j : g;
+          const int64_t k = gr.per_channel ? j : g;
           sc *= static_cast<double>(gw[k]);
           sh = sh * static_cast<double>(gw[k]) + static_cast<double>(gb[k]);
         }
@@ -446,16 +603,6 @@ void bcn_fold(const BcnShape& d, const T* mp, const T* qp, const std::vector<dou
   }
 }
 
-BcnShape bcn_shape(const Tensor& x, int64_t groups) {
-  TORCH_CHECK(x.dim() > 2 && x.is_contiguous() && x.numel() > 0,
-              "normkit bcn kernel: non-empty contiguous (N, C, *S) input");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "normkit bcn kernel: float32 or float64 input");
-  const int64_t n = x.size(0), c = x.size(1);
-  TORCH_CHECK(groups > 0 && c % groups == 0, "normkit bcn kernel: groups must divide C");
-  return {n, c, x.numel() / (n * c), groups, c / groups};
-}
-
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bcn_forward_impl(
     const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
@@ -463,29 +610,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bcn_forward_impl(
     const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
     const optional<Tensor>& num_batches_tracked, int64_t groups, bool per_channel,
     bool estimate, double eps, double rate, double momentum) {
-  const BcnShape d = bcn_shape(x, groups);
+  const Shape d = shape_of(x, "normkit bcn kernel");
+  const Groups gr = groups_of(d, groups, per_channel);
   const int64_t n = d.n, c = d.c;
   auto opts = x.options();
   Tensor y = at::empty_like(x);
   Tensor m = at::empty({n, c}, opts), q = at::empty({n, c}, opts);
   Tensor mean_t = at::empty({c}, opts), var_t = at::empty({c}, opts);
-  const T* xp = x.data_ptr<T>();
   T* mp = m.data_ptr<T>();
   T* qp = q.data_ptr<T>();
-  bcn_plane_moments<T>(xp, d, mp, qp);
+  {
+    std::vector<double> md(n * c), qd(n * c);
+    moments<T>(x.data_ptr<T>(), d, md.data(), qd.data());
+    for (int64_t p = 0; p < n * c; ++p) {
+      mp[p] = static_cast<T>(md[p]);
+      qp[p] = static_cast<T>(qd[p]);
+    }
+  }
   // The batch part's statistics: the batch's, or the estimates after this batch's update.
   T* rm = running_mean.has_value() ? running_mean->data_ptr<T>() : nullptr;
   T* rv = running_var.has_value() ? running_var->data_ptr<T>() : nullptr;
   int64_t* nbt = num_batches_tracked.has_value() ? num_batches_tracked->data_ptr<int64_t>()
                                                  : nullptr;
   TORCH_CHECK(!estimate || (rm && rv && nbt), "normkit bcn kernel: estimates need buffers");
-  std::vector<double> mean(c), var(c);
   std::vector<T> bm(c), bv(c);
   const double inv_n = 1.0 / static_cast<double>(n);
   for (int64_t ch = 0; ch < c; ++ch) {
     double sm = 0.0;
     for (int64_t i = 0; i < n; ++i) sm += static_cast<double>(mp[i * c + ch]);
-    // The centre: the batch mean, or the previous mean estimate.
+    // The centre of the variance: the batch mean, or the previous mean estimate.
     const T centre = estimate ? rm[ch] : static_cast<T>(sm * inv_n);
     double sv = 0.0;
     for (int64_t i = 0; i < n; ++i) {
@@ -496,9 +649,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bcn_forward_impl(
     bv[ch] = static_cast<T>(estimate ? sv * inv_n : std::max(0.0, sv * inv_n));
   }
   if (estimate) {
+    // As normkit._stats.estimate_update_eager_: lerp by the rate where both are finite.
     *nbt += 1;
     const T r = static_cast<T>(rate);
-    auto lerp = [r](T lo, T hi) { return r < T(0.5) ? lo + r * (hi - lo) : hi - (hi - lo) * (T(1) - r); };
+    auto lerp = [r](T lo, T hi) {
+      return r < T(0.5) ? lo + r * (hi - lo) : hi - (hi - lo) * (T(1) - r);
+    };
     for (int64_t ch = 0; ch < c; ++ch) {
       if (std::isfinite(bm[ch]) && std::isfinite(bv[ch])) {
         rm[ch] = lerp(rm[ch], bm[ch]);
@@ -512,6 +668,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bcn_forward_impl(
   }
   T* mt = mean_t.data_ptr<T>();
   T* vt = var_t.data_ptr<T>();
+  std::vector<double> mean(c), var(c);
   for (int64_t ch = 0; ch < c; ++ch) {
     mt[ch] = bm[ch];
     vt[ch] = bv[ch];
@@ -519,34 +676,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bcn_forward_impl(
     var[ch] = static_cast<double>(bv[ch]);
   }
   std::vector<double> a(c), bb(c), gm(n * groups), t(n * groups), scale(n * c), shift(n * c);
-  bcn_fold<T>(d, mp, qp, mean, var, ptr_or_null<T>(weight), ptr_or_null<T>(bias),
-              ptr_or_null<T>(gweight), ptr_or_null<T>(gbias), per_channel, eps, a, bb, gm, t,
-              scale, shift);
-  T* yp = y.data_ptr<T>();
-  at::parallel_for(0, n * c, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, d.s)),
-                   [&](int64_t p0, int64_t p1) {
-                     for (int64_t p = p0; p < p1; ++p) {
-                       const T sc = static_cast<T>(scale[p]), sh = static_cast<T>(shift[p]);
-                       const T* row = xp + p * d.s;
-                       T* out = yp + p * d.s;
-#pragma omp simd
-                       for (int64_t j = 0; j < d.s; ++j) out[j] = sc * row[j] + sh;
-                     }
-                   });
+  bcn_fold<T>(d, gr, mp, qp, mean, var, ptr_or_null<T>(weight), ptr_or_null<T>(bias),
+              ptr_or_null<T>(gweight), ptr_or_null<T>(gbias), eps, a, bb, gm, t, scale, shift);
+  affine_pass<T>(nullptr, x.data_ptr<T>(), y.data_ptr<T>(), d, {}, scale, shift);
   return {y, m, q, mean_t, var_t};
 }
 
+// The closed form of normkit.layers.batch_channel._BatchChannelNorm._moment_backward (whose
+// docstring derives it), per (n, c) in double.
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bcn_backward_impl(
     const Tensor& gy_in, const Tensor& x, const optional<Tensor>& weight,
     const optional<Tensor>& bias, const optional<Tensor>& gweight, const Tensor& m,
     const Tensor& q, const Tensor& mean_t, const Tensor& var_t, int64_t groups, bool per_channel,
     bool estimate, double eps, std::array<bool, 5> mask) {
-  const BcnShape d = bcn_shape(x, groups);
-  const int64_t n = d.n, c = d.c, per = d.per, s = d.s;
-  const Tensor gy = gy_in.contiguous();
-  const T* xp = x.data_ptr<T>();
-  const T* gp = gy.data_ptr<T>();
+  const Shape d = shape_of(x, "normkit bcn kernel");
+  const Groups gr = groups_of(d, groups, per_channel);
+  const int64_t n = d.n, c = d.c, per = gr.per, s = d.s;
+  const Tensor gy = like(gy_in, d, x);
   const T* mp = m.data_ptr<T>();
   const T* qp = q.data_ptr<T>();
   const T* w = ptr_or_null<T>(weight);
@@ -556,27 +703,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bcn_backward_impl(
     mean[ch] = static_cast<double>(mean_t.data_ptr<T>()[ch]);
     var[ch] = static_cast<double>(var_t.data_ptr<T>()[ch]);
   }
+  // (scale and shift are not needed: no group affine for this fold)
   std::vector<double> a(c), bb(c), gm(n * groups), t(n * groups), scale(n * c), shift(n * c);
-  // (scale and shift are not needed here: no group affine for the fold)
-  bcn_fold<T>(d, mp, qp, mean, var, w, ptr_or_null<T>(bias), nullptr, nullptr, per_channel, eps,
-              a, bb, gm, t, scale, shift);
-  // Per-plane A = Σ g and P = Σ g (x − m).
-  std::vector<double> sa(n * c), sp(n * c);
-  at::parallel_for(0, n * c, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, s)),
-                   [&](int64_t p0, int64_t p1) {
-                     for (int64_t p = p0; p < p1; ++p) {
-                       grad_sums<T>(gp + p * s, xp + p * s, s, mp[p], sa[p], sp[p]);
-                     }
-                   });
+  bcn_fold<T>(d, gr, mp, qp, mean, var, w, ptr_or_null<T>(bias), nullptr, nullptr, eps, a, bb,
+              gm, t, scale, shift);
+  std::vector<double> sa(n * c), sp(n * c);  // Σ g and Σ g (x − m) per plane
+  grad_sums<T>(gy.data_ptr<T>(), x.data_ptr<T>(), d, mp, sa.data(), sp.data());
   auto gwv = [&](int64_t j) {
     return gw ? static_cast<double>(gw[per_channel ? j : j / per]) : 1.0;
   };
-  auto opts = x.options();
   const int64_t gsize = per_channel ? c : groups;
-  Tensor dgw = mask[3] && gw ? at::zeros({gsize}, opts) : Tensor();
-  Tensor dgb = mask[4] && gw ? at::zeros({gsize}, opts) : Tensor();
-  std::vector<double> dgw_acc(gsize, 0.0), dgb_acc(gsize, 0.0);
-  std::vector<double> alpha(n * c), beta1(n * c), gamma1(n * c), t1(c, 0.0), t2(c, 0.0);
+  std::vector<double> dgw(gsize, 0.0), dgb(gsize, 0.0);
+  std::vector<double> alpha(n * c), beta(n * c), gamma(n * c), t1(c, 0.0), t2(c, 0.0);
   const double k = 1.0 / static_cast<double>(s * per);
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t g = 0; g < groups; ++g) {
@@ -586,8 +724,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bcn_backward_impl(
         const int64_t p = i * c + j;
         const double e = a[j] * static_cast<double>(mp[p]) + bb[j] - gm[i * groups + g];
         const double xh = tg * (a[j] * sp[p] + e * sa[p]);  // Σ g · x̂1
-        dgw_acc[per_channel ? j : g] += xh;
-        dgb_acc[per_channel ? j : g] += sa[p];
+        dgw[per_channel ? j : g] += xh;
+        dgb[per_channel ? j : g] += sa[p];
         h1 += gwv(j) * sa[p];
         h2 += gwv(j) * xh;
       }
@@ -596,62 +734,57 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bcn_backward_impl(
       for (int64_t j = g * per; j < (g + 1) * per; ++j) {
         const int64_t p = i * c + j;
         const double e = a[j] * static_cast<double>(mp[p]) + bb[j] - gm[i * groups + g];
-        alpha[p] = tg * gwv(j);
-        beta1[p] = -t2h2 * a[j];
-        gamma1[p] = -tg * h1 - t2h2 * e;
+        alpha[p] = tg * gwv(j);  // dx1 = alpha g + beta (x − m) + gamma
+        beta[p] = -t2h2 * a[j];
+        gamma[p] = -tg * h1 - t2h2 * e;
         // Σ_s dx1 and Σ_s dx1 (x − μ) of the plane.
-        const double s1 = alpha[p] * sa[p] + gamma1[p] * static_cast<double>(s);
+        const double s1 = alpha[p] * sa[p] + gamma[p] * static_cast<double>(s);
         const double dev = static_cast<double>(mp[p]) - mean[j];
-        const double s2 = alpha[p] * sp[p] + beta1[p] * static_cast<double>(qp[p]) * s + dev * s1;
+        const double s2 =
+            alpha[p] * sp[p] + beta[p] * static_cast<double>(qp[p]) * static_cast<double>(s) +
+            dev * s1;
         t1[j] += s1;
         t2[j] += s2;
       }
     }
   }
-  if (dgw.defined()) {
-    T* o = dgw.data_ptr<T>();
-    for (int64_t j = 0; j < gsize; ++j) o[j] = static_cast<T>(dgw_acc[j]);
-  }
-  if (dgb.defined()) {
-    T* o = dgb.data_ptr<T>();
-    for (int64_t j = 0; j < gsize; ++j) o[j] = static_cast<T>(dgb_acc[j]);
-  }
-  Tensor dw = mask[1] && w ? at::empty({c}, opts) : Tensor();
-  Tensor db = mask[2] && w ? at::empty({c}, opts) : Tensor();
+  auto opts = x.options();
+  auto to_tensor = [&](const std::vector<double>& v) {
+    Tensor out = at::empty({static_cast<int64_t>(v.size())}, opts);
+    T* o = out.data_ptr<T>();
+    for (size_t j = 0; j < v.size(); ++j) o[j] = static_cast<T>(v[j]);
+    return out;
+  };
+  Tensor t_dgw = mask[3] && gw ? to_tensor(dgw) : Tensor();
+  Tensor t_dgb = mask[4] && gw ? to_tensor(dgb) : Tensor();
+  std::vector<double> dwv(c), dbv(c);
   for (int64_t ch = 0; ch < c; ++ch) {
-    const double inv = 1.0 / std::sqrt(var[ch] + eps);
-    if (dw.defined()) dw.data_ptr<T>()[ch] = static_cast<T>(t2[ch] * inv);
-    if (db.defined()) db.data_ptr<T>()[ch] = static_cast<T>(t1[ch]);
+    dwv[ch] = t2[ch] / std::sqrt(var[ch] + eps);
+    dbv[ch] = t1[ch];
   }
-  Tensor dx = mask[0] ? at::empty_like(x) : Tensor();
+  Tensor t_dw = mask[1] && w ? to_tensor(dwv) : Tensor();
+  Tensor t_db = mask[2] && w ? to_tensor(dbv) : Tensor();
+  Tensor dx;
   if (mask[0]) {
-    std::vector<double> d2(c, 0.0), dc(c, 0.0);
-    if (!estimate) {  // the batch-norm backward, through μ and σ² of the batch
-      const double inv_m = 1.0 / static_cast<double>(n * s);
-      for (int64_t ch = 0; ch < c; ++ch) {
-        d2[ch] = t2[ch] / (var[ch] + eps) * inv_m;
-        dc[ch] = t1[ch] * inv_m;
+    // dx = a dx1 with fixed statistics; with batch statistics, the batch-norm backward through
+    // μ and σ² of the batch.
+    const double inv_m = estimate ? 0.0 : 1.0 / static_cast<double>(n * s);
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t j = 0; j < c; ++j) {
+        const int64_t p = i * c + j;
+        const double d2 = t2[j] / (var[j] + eps) * inv_m, dc = t1[j] * inv_m;
+        const double mv = static_cast<double>(mp[p]);
+        const double be = a[j] * (beta[p] - d2);
+        const double g0 = a[j] * (gamma[p] - dc - d2 * (mv - mean[j]));
+        alpha[p] *= a[j];
+        beta[p] = be;
+        gamma[p] = g0 - be * mv;
       }
     }
-    T* dxp = dx.data_ptr<T>();
-    at::parallel_for(0, n * c, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, s)),
-                     [&](int64_t p0, int64_t p1) {
-                       for (int64_t p = p0; p < p1; ++p) {
-                         const int64_t j = p % c;
-                         const double dev = static_cast<double>(mp[p]) - mean[j];
-                         const double be = a[j] * (beta1[p] - d2[j]);
-                         const double g0 = a[j] * (gamma1[p] - dc[j] - d2[j] * dev);
-                         const T al = static_cast<T>(a[j] * alpha[p]), bt = static_cast<T>(be),
-                                 ga = static_cast<T>(g0 - be * static_cast<double>(mp[p]));
-                         const T* gpp = gp + p * s;
-                         const T* xpp = xp + p * s;
-                         T* o = dxp + p * s;
-#pragma omp simd
-                         for (int64_t jj = 0; jj < s; ++jj) o[jj] = al * gpp[jj] + bt * xpp[jj] + ga;
-                       }
-                     });
+    dx = at::empty_like(x);
+    affine_pass<T>(gy.data_ptr<T>(), x.data_ptr<T>(), dx.data_ptr<T>(), d, alpha, beta, gamma);
   }
-  return {dx, dw, db, dgw, dgb};
+  return {dx, t_dw, t_db, t_dgw, t_dgb};
 }
 
 // BCN's reference composition in differentiable ATen operators (double backward).
