@@ -259,3 +259,14 @@ def test_traces_with_torch_fx_as_torch_group_norm_does() -> None:
     x = _x((2, 3, 4, 4))
     assert torch.equal(graph(x), model(x))
     assert any(n.target is TF.group_norm for n in graph.graph.nodes)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_single_value_per_group_over_the_batch_is_refused_by_name(training: bool) -> None:
+    """torch's group norm refuses N · C/G · spatial == 1 in both modes, naming no layer (found
+    by the fuzz test); normkit's names itself. Two samples of one value per group pass, as in
+    torch."""
+    layer = nk.GroupNorm(4, 4).train(training)
+    with pytest.raises(ValueError, match=r"^GroupNorm: expected more than 1 value per group"):
+        layer(torch.randn(1, 4, 1))
+    assert layer(torch.randn(2, 4, 1)).shape == (2, 4, 1)

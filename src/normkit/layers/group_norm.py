@@ -115,6 +115,13 @@ class GroupNorm(nn.GroupNorm):
         bias: Tensor | None = self.bias
         # Under torch.fx the input is a Proxy: no dtype to compare, the kernel call is recorded.
         traced = not isinstance(input, Tensor)
+        if not traced and input.numel() == self.num_groups:
+            # torch's group_norm refuses N · C/G · spatial == 1 (in eval too), with a message
+            # that names no layer.
+            raise ValueError(
+                f"{type(self).__name__}: expected more than 1 value per group over the batch, "
+                f"got input of shape {tuple(input.shape)} with {self.num_groups} groups"
+            )
         if not traced and weight is not None and bias is not None and weight.dtype != input.dtype:
             mixed = input.dtype in _HALF and weight.dtype == torch.float32
             if not mixed:

@@ -34,10 +34,10 @@ from normkit._stats import (
     ema_factor,
 )
 from normkit.layers.weight_std import (
-    _check_conv_call,
     _conv_twin,
     _init_checked_conv,
     _PaddingMode,
+    _standardized_conv,
     _StandardizedWeight,
 )
 
@@ -629,8 +629,7 @@ class CenConv2d(_StandardizedWeight, nn.Conv2d):
         return self.standardized_weight()
 
     def forward(self, input: Tensor) -> Tensor:
-        _check_conv_call(self, input)
-        return self._conv_forward(input, self.standardized_weight(), self.bias)
+        return _standardized_conv(self, input)
 
     def _plain_twin(self) -> nn.Module:
         return _conv_twin(self, nn.Conv2d)
