@@ -411,3 +411,47 @@ def test_fixup_state_dict_uses_the_official_scalar_names() -> None:
 def test_every_public_model_name_is_exported() -> None:
     for name in normkit.models.__all__:
         assert getattr(normkit.models, name) is getattr(normkit.models.resnet, name)
+
+
+def _official_branch(block: nn.Module, a: Tensor) -> Tensor:
+    """The Fixup branch as the official code writes it, module by module (no folding)."""
+    names = [n for n, _ in block.named_children() if n.startswith("conv")]
+    h = a
+    for i, name in enumerate(names, start=1):
+        conv = block.get_submodule(name)
+        h = conv(block.get_submodule(f"bias{i}a")(h) if i > 1 else h)
+        if i == len(names):
+            return block.get_submodule(f"bias{i}b")(block.scale(h))
+        h = F.relu(block.get_submodule(f"bias{i}b")(h))
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_fixup_blocks_fold_their_scalars_into_the_convolutions_exactly(kind: str) -> None:
+    """The blocks compute each branch convolution and the scalars after it as one convolution
+    (scale in the weight, bias in the conv bias): the same values and gradients as the modules
+    one by one, to 1e-10 in float64; with a hook on a scalar, the modules run as written."""
+    block = FixupBasicBlock(6, 8, stride=2) if kind == "basic" else FixupBottleneck(8, 4, stride=2)
+    block = block.double()
+    randomize_(block)
+    x = torch.randn(2, 6 if kind == "basic" else 8, 7, 7, dtype=torch.float64)
+    params = list(block.parameters())
+    upstream = torch.randn_like(block.branch(x))
+
+    def grads(fn: Callable[[], Tensor]) -> tuple[Tensor, ...]:
+        out = fn()
+        return (out, *torch.autograd.grad(out, params, upstream, allow_unused=True))
+
+    fused = grads(lambda: block.branch(x))
+    official = grads(lambda: _official_branch(block, block.bias1a(x)))
+    for got, want in zip(fused, official):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    calls: list[int] = []
+    handle = block.scale.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        hooked = grads(lambda: block.branch(x))
+    finally:
+        handle.remove()
+    assert calls == [1]
+    for got, want in zip(hooked, official):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
