@@ -123,6 +123,36 @@ def test_cli_bench_smoke(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> 
     assert sorted(t["metric"] for t in sabn["targets"]) == ["memory", "time"]
 
 
+def test_kernels_option_runs_the_layers_through_the_kernels(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--kernels`` builds the kernels before the run, routes the layers through them for the
+    run only, and says so in the table and the JSON; the steady-malloc setting is reported."""
+    from normkit import kernels
+    from normkit.layers import core
+    from tests.counting import count_calls
+
+    calls = count_calls(monkeypatch, core, "core_kernel")
+    path = tmp_path / "k.json"
+    argv = ["bench", "--kernels", "--layers", "sabn,bcn", "--shapes", TINY, *FAST]
+    assert cli.main([*argv, "--formats", "contiguous", "--json", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert "normkit kernels: on" in table.splitlines()[0]
+    assert calls  # the SaBN rows ran the kernel
+    assert not kernels.is_enabled()  # off again after the run
+    data = json.loads(path.read_text())
+    assert data["config"]["kernels"] is True and data["machine"]["kernels"] is True
+    assert data["config"]["steady_malloc"] is True
+    assert isinstance(data["machine"]["steady_malloc"], bool)
+    assert all(row["error"] is None for row in data["rows"])
+
+    assert cli.main(["bench", "--system-malloc", "--layers", "sabn", "--shapes", TINY, *FAST,
+                     "--formats", "contiguous", "--json", str(path)]) == 0  # fmt: skip
+    table = capsys.readouterr().out
+    assert "normkit kernels: off, steady malloc: off" in table.splitlines()[0]
+    assert json.loads(path.read_text())["config"]["steady_malloc"] is False
+
+
 def test_script_runs_the_same_benchmark(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

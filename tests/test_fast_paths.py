@@ -18,8 +18,10 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import normkit as nk
 from normkit import _fused
+from normkit.layers import core
 from normkit.layers.batch_channel import _BatchChannelNorm
 from normkit.layers.core import _BatchNormCore
+from tests.counting import count_calls
 from tests.layer_table import LAYERS, LayerRecord, layer_params
 
 F64 = torch.float64
@@ -111,18 +113,8 @@ def test_the_fast_path_is_taken_exactly_where_it_applies(monkeypatch: pytest.Mon
     the generic moment-based function when large and the reference path when small; eval and
     ``fast = False`` none of them."""
     calls: list[str] = []
-
-    def counting(name: str) -> Any:
-        real = getattr(_fused, name)
-
-        def wrapper(*a: Any, **k: Any) -> Any:
-            calls.append(name)
-            return real(*a, **k)
-
-        return wrapper
-
     for name in ("batch_norm_train", "moment_scale_shift", "norm_affine"):
-        monkeypatch.setattr(f"normkit.layers.core.{name}", counting(name))
+        count_calls(monkeypatch, core, name, calls)
     monkeypatch.setattr(_fused, "MOMENT_PATH_MIN_NUMEL", 6 * 4 * 3 * 3)
     small = torch.randn(6, 4, 3, 2)  # below the threshold
     x = torch.randn(6, 4, 3, 3)
@@ -469,14 +461,7 @@ def test_ws_fast_path_in_every_eager_call(monkeypatch: pytest.MonkeyPatch) -> No
     """Every eager computation of the weight takes the closed form, with or without a
     gradient (so the eval cache equals the training weight bit for bit); ``fast = False``
     and compiled code keep the reference formula."""
-    calls: list[int] = []
-    real = _fused.weight_standardize
-
-    def counting(*a: Any, **k: Any) -> Tensor:
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(_fused, "weight_standardize", counting)
+    calls = count_calls(monkeypatch, _fused, "weight_standardize")
     layer = nk.WSConv2d(3, 4, 3)
     x = torch.randn(1, 3, 5, 5)
     layer.fast = False
@@ -487,7 +472,7 @@ def test_ws_fast_path_in_every_eager_call(monkeypatch: pytest.MonkeyPatch) -> No
     with torch.no_grad():
         layer(x)
     layer(x)
-    assert calls == [1, 1]
+    assert len(calls) == 2
     train_weight = layer.standardized_weight()
     with torch.no_grad():
         cached = layer.eval().standardized_weight()

@@ -25,6 +25,7 @@ from normkit.layers import core
 from normkit.layers.batch_channel import _BatchChannelNorm
 from normkit.layers.core import _BatchNormCore
 from normkit.layers.renorm import _BatchRenorm
+from tests.counting import count_calls
 from tests.layer_table import LAYERS, layer_params
 from tests.test_fast_paths import EXTRA, _compare
 
@@ -33,27 +34,14 @@ RECORDS = [r for r in [*LAYERS, *EXTRA] if issubclass(r.cls, (_BatchNormCore, _B
 
 
 @pytest.fixture
-def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """The kernels on for one test (off again afterwards); the list counts the layers' calls of
-    the kernel function."""
+    the kernels (BCN's only where its kernel path ran)."""
     kernels.enable()
-    calls: list[int] = []
-    real = core.core_kernel
-
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(core, "core_kernel", counting)
-    real_bcn = _BatchChannelNorm._kernel_forward
-
-    def counting_bcn(self: Any, *args: Any) -> Any:
-        out = real_bcn(self, *args)
-        if out is not None:
-            calls.append(1)
-        return out
-
-    monkeypatch.setattr(_BatchChannelNorm, "_kernel_forward", counting_bcn)
+    calls = count_calls(monkeypatch, core, "core_kernel")
+    count_calls(
+        monkeypatch, _BatchChannelNorm, "_kernel_forward", calls, when=lambda y: y is not None
+    )
     try:
         yield calls
     finally:
@@ -61,7 +49,7 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
 
 
 @pytest.mark.parametrize(("record", "kind"), layer_params(RECORDS))
-def test_kernel_equals_reference(record: Any, kind: str | None, kernel_calls: list[int]) -> None:
+def test_kernel_equals_reference(record: Any, kind: str | None, kernel_calls: list[str]) -> None:
     _compare(record, kind)
     # Every configuration with a rank-3 to rank-5 input reaches the kernel, except batch
     # renormalization, whose r and d are functions of the batch statistics (its own path).
@@ -71,13 +59,13 @@ def test_kernel_equals_reference(record: Any, kind: str | None, kernel_calls: li
 
 @pytest.mark.parametrize(("record", "kind"), layer_params([r for r in RECORDS if r.is_4d]))
 def test_kernel_equals_reference_channels_last(
-    record: Any, kind: str | None, kernel_calls: list[int]
+    record: Any, kind: str | None, kernel_calls: list[str]
 ) -> None:
     _compare(record, kind, channels_last=True)  # also checks the output keeps the layout
     assert bool(kernel_calls) == (not issubclass(record.cls, _BatchRenorm))
 
 
-def test_channels_last_with_a_contiguous_output_gradient(kernel_calls: list[int]) -> None:
+def test_channels_last_with_a_contiguous_output_gradient(kernel_calls: list[str]) -> None:
     """The upstream gradient of a channels_last output may arrive in another layout."""
     layer = nk.BatchChannelNorm2d(4, 2).to(F64)
     ref = copy.deepcopy(layer)
@@ -109,7 +97,7 @@ def _tables(c: int, k: int, shared: bool, domain: bool) -> list[Tensor | None]:
 @pytest.mark.parametrize("groups", [0, 3])
 @pytest.mark.parametrize("parts", ["shared", "domain", "both", "none"])
 def test_kernel_function_gradcheck_and_gradgradcheck(
-    groups: int, parts: str, kernel_calls: list[int]
+    groups: int, parts: str, kernel_calls: list[str]
 ) -> None:
     shared, domain = parts in ("shared", "both"), parts in ("domain", "both")
     x = (torch.randn(5, 3, 2, 3, dtype=F64) * 2 + 3).requires_grad_()
@@ -157,7 +145,7 @@ def test_kernel_function_equals_the_written_out_formula(groups: int) -> None:
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
 
 
-def test_float32_kernel_is_close_to_float64(kernel_calls: list[int]) -> None:
+def test_float32_kernel_is_close_to_float64(kernel_calls: list[str]) -> None:
     """Float32 statistics from per-plane shifted sums merged in double: close to the float64
     result even for a mean far from zero."""
     layer = nk.SandwichBatchNorm2d(8, 3).train()
@@ -174,7 +162,7 @@ def test_float32_kernel_is_close_to_float64(kernel_calls: list[int]) -> None:
     assert kernel_calls
 
 
-def test_running_statistics_skip_non_finite_channels(kernel_calls: list[int]) -> None:
+def test_running_statistics_skip_non_finite_channels(kernel_calls: list[str]) -> None:
     layer = nk.SandwichBatchNorm2d(3, 2, split_stats=True).to(F64).train()
     ref = copy.deepcopy(layer)
     ref.fast = False
@@ -189,7 +177,7 @@ def test_running_statistics_skip_non_finite_channels(kernel_calls: list[int]) ->
     assert kernel_calls
 
 
-def test_a_domain_with_one_value_keeps_its_buffers(kernel_calls: list[int]) -> None:
+def test_a_domain_with_one_value_keeps_its_buffers(kernel_calls: list[str]) -> None:
     layer = nk.AuxBatchNorm1d(3, 3).to(F64).train()
     x = torch.randn(3, 3, 1, dtype=F64)  # one value per channel and sample
     domain = torch.tensor([0, 0, 2])  # domain 2: one value; domain 1: none
@@ -216,7 +204,7 @@ def test_off_by_default_and_switchable() -> None:
     assert not kernels.applies(x)
 
 
-def test_eval_and_compile_tracing_keep_the_pytorch_path(kernel_calls: list[int]) -> None:
+def test_eval_and_compile_tracing_keep_the_pytorch_path(kernel_calls: list[str]) -> None:
     layer = nk.SandwichBatchNorm2d(3, 2)
     x, domain = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 1, 0])
     layer.eval()(x, domain)
@@ -243,7 +231,7 @@ def test_a_failed_build_raises_and_changes_nothing(monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.parametrize("split", [False, True])
-def test_float64_input_to_a_float32_layer(split: bool, kernel_calls: list[int]) -> None:
+def test_float64_input_to_a_float32_layer(split: bool, kernel_calls: list[str]) -> None:
     """Float32 parameters and buffers with a float64 input: the parameters are cast for the
     kernel and the statistics (float64) reach the float32 buffers through the PyTorch update."""
     layer = nk.SandwichBatchNorm2d(3, 2, split_stats=split).train()
@@ -262,7 +250,7 @@ def test_float64_input_to_a_float32_layer(split: bool, kernel_calls: list[int]) 
 @pytest.mark.parametrize("estimate", [False, True])
 @pytest.mark.parametrize("group_affine", ["per_group", "per_channel", None])
 def test_bcn_kernel_gradcheck_and_gradgradcheck(
-    estimate: bool, group_affine: str | None, kernel_calls: list[int]
+    estimate: bool, group_affine: str | None, kernel_calls: list[str]
 ) -> None:
     """BCN's kernel, first and second derivatives by finite differences (fresh copies of the
     buffers for every evaluation: the estimates change with each training forward). The
@@ -295,7 +283,7 @@ def test_bcn_kernel_gradcheck_and_gradgradcheck(
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("layer_name", ["sabn-split", "bcn-estimate"])
 def test_blocks_and_chunks_of_a_larger_input(
-    channels_last: bool, layer_name: str, kernel_calls: list[int]
+    channels_last: bool, layer_name: str, kernel_calls: list[str]
 ) -> None:
     """130 channels (blocks of 64 and a remainder in channels_last) and 4,550 positions (more
     than one chunk of the sums before a flush to double)."""

@@ -1319,7 +1319,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         from normkit import kernels
 
         try:
-            kernels.enable()  # built before the run, so that a failure costs no minutes
+            kernels.build()  # before the run, so that a failure costs no minutes
         except kernels.KernelBuildError as exc:
             raise BenchError(f"--kernels: {exc}") from None
     progress = _progress_printer(not args.no_progress and sys.stderr.isatty())

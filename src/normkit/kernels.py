@@ -39,7 +39,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["KernelBuildError", "disable", "enable", "is_available", "is_enabled", "source"]
+__all__ = [
+    "KernelBuildError",
+    "build",
+    "disable",
+    "enable",
+    "is_available",
+    "is_enabled",
+    "source",
+]
 
 
 class KernelBuildError(RuntimeError):
@@ -88,7 +96,10 @@ def _registered() -> bool:
     return hasattr(torch.ops.normkit_kernels, "core_forward")
 
 
-def _load(verbose: bool = False) -> None:
+def build(verbose: bool = False) -> None:
+    """Compile (on first use) and load the kernels without routing the layers through them.
+
+    Raises :class:`KernelBuildError` when they cannot be built here."""
     global _loaded
     if _loaded:
         return
@@ -121,7 +132,7 @@ def enable(verbose: bool = False) -> None:
     Raises :class:`KernelBuildError` when they cannot be built here; nothing changes then.
     """
     global _enabled
-    _load(verbose)
+    build(verbose)
     _enabled = True
 
 
@@ -139,7 +150,7 @@ def is_enabled() -> bool:
 def is_available(verbose: bool = False) -> bool:
     """Whether the kernels can be loaded here (compiling them if needed), without enabling."""
     try:
-        _load(verbose)
+        build(verbose)
     except KernelBuildError:
         return False
     return True

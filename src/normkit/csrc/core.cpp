@@ -787,6 +787,59 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bcn_backward_impl(
   return {dx, t_dw, t_db, t_dgw, t_dgb};
 }
 
+// ---- Autograd plumbing shared by both operators ----------------------------------------------
+
+// The five differentiable inputs of either operator: x, then two pairs of affine parameters.
+using Inputs = std::array<Tensor, 5>;
+using Needs = std::array<bool, 5>;
+
+// Which inputs need a gradient (graph edges exist for the tensors that were given, in order).
+Needs input_needs(torch::autograd::AutogradContext* ctx, const Inputs& in) {
+  Needs needs{};
+  size_t edge = 0;
+  for (size_t i = 0; i < in.size(); ++i) {
+    if (in[i].defined()) needs[i] = ctx->needs_input_grad(edge++);
+  }
+  return needs;
+}
+
+// With grad mode on in backward (create_graph), the gradients of the reference composition
+// `reference()` instead of the kernel's, so that they can be differentiated again. `out` has one
+// slot per forward argument; the first five are the inputs'.
+template <typename Reference>
+torch::autograd::variable_list reference_grads(const Inputs& in, const Needs& needs,
+                                               const Tensor& gy, size_t num_args,
+                                               Reference reference) {
+  torch::autograd::variable_list out(num_args);
+  torch::autograd::variable_list wanted;
+  for (size_t i = 0; i < in.size(); ++i) {
+    if (needs[i]) wanted.push_back(in[i]);
+  }
+  if (wanted.empty()) return out;
+  auto got = torch::autograd::grad({reference()}, wanted, {gy}, /*retain_graph=*/std::nullopt,
+                                   /*create_graph=*/true, /*allow_unused=*/true);
+  size_t j = 0;
+  for (size_t i = 0; i < in.size(); ++i) {
+    if (needs[i]) out[i] = got[j++];
+  }
+  return out;
+}
+
+// The kernel's five gradients in the first slots of `num_args`, those not needed left empty.
+torch::autograd::variable_list kernel_grads(
+    const std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>& g, const Needs& needs,
+    size_t num_args) {
+  torch::autograd::variable_list out(num_args);
+  const std::array<Tensor, 5> all{std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g),
+                                  std::get<4>(g)};
+  for (size_t i = 0; i < all.size(); ++i) {
+    if (needs[i]) out[i] = all[i];
+  }
+  return out;
+}
+
+optional<Tensor> given(const Tensor& t) { return t.defined() ? optional<Tensor>(t) : std::nullopt; }
+
 // BCN's reference composition in differentiable ATen operators (double backward).
 Tensor bcn_reference(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& gw,
                      const Tensor& gb, const Tensor& mean_fixed, const Tensor& var_fixed,
@@ -871,50 +924,31 @@ class BcnFunction : public torch::autograd::Function<BcnFunction> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &w = saved[1], &b = saved[2], &gw = saved[3], &gb = saved[4];
+    const Inputs in{saved[0], saved[1], saved[2], saved[3], saved[4]};
+    const Tensor &x = in[0], &w = in[1], &b = in[2], &gw = in[3], &gb = in[4];
     const Tensor &m = saved[5], &q = saved[6], &mean = saved[7], &var = saved[8];
     const int64_t groups = ctx->saved_data["groups"].toInt();
     const bool per_channel = ctx->saved_data["per_channel"].toBool();
     const bool estimate = ctx->saved_data["estimate"].toBool();
     const double eps = ctx->saved_data["eps"].toDouble();
-    std::array<bool, 5> needs{};
-    size_t edge = 0;
-    const std::array<const Tensor*, 5> params{&x, &w, &b, &gw, &gb};
-    for (size_t i = 0; i < 5; ++i) {
-      if (params[i]->defined()) needs[i] = ctx->needs_input_grad(edge++);
-    }
-    torch::autograd::variable_list out(14);
+    const Needs needs = input_needs(ctx, in);
+    constexpr size_t kArgs = 14;
     const Tensor& gy = grads[0];
-    if (!gy.defined()) return out;
+    if (!gy.defined()) return torch::autograd::variable_list(kArgs);
     if (at::GradMode::is_enabled()) {
-      torch::autograd::variable_list wanted;
-      for (size_t i = 0; i < 5; ++i) {
-        if (needs[i]) wanted.push_back(*params[i]);
-      }
-      if (wanted.empty()) return out;
-      Tensor y = bcn_reference(x, w, b, gw, gb, mean, var, groups, per_channel, estimate, eps);
-      auto got = torch::autograd::grad({y}, wanted, {gy}, std::nullopt, true, true);
-      size_t j = 0;
-      for (size_t i = 0; i < 5; ++i) {
-        if (needs[i]) out[i] = got[j++];
-      }
-      return out;
+      return reference_grads(in, needs, gy, kArgs, [&] {
+        return bcn_reference(x, w, b, gw, gb, mean, var, groups, per_channel, estimate, eps);
+      });
     }
-    auto opt = [](const Tensor& t) { return t.defined() ? optional<Tensor>(t) : std::nullopt; };
-    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> g;
     if (x.scalar_type() == at::kDouble) {
-      g = bcn_backward_impl<double>(gy, x, opt(w), opt(b), opt(gw), m, q, mean, var, groups,
-                                    per_channel, estimate, eps, needs);
-    } else {
-      g = bcn_backward_impl<float>(gy, x, opt(w), opt(b), opt(gw), m, q, mean, var, groups,
-                                   per_channel, estimate, eps, needs);
+      return kernel_grads(bcn_backward_impl<double>(gy, x, given(w), given(b), given(gw), m, q,
+                                                    mean, var, groups, per_channel, estimate, eps,
+                                                    needs),
+                          needs, kArgs);
     }
-    out[0] = needs[0] ? std::get<0>(g) : Tensor();
-    out[1] = needs[1] ? std::get<1>(g) : Tensor();
-    out[2] = needs[2] ? std::get<2>(g) : Tensor();
-    out[3] = needs[3] ? std::get<3>(g) : Tensor();
-    out[4] = needs[4] ? std::get<4>(g) : Tensor();
-    return out;
+    return kernel_grads(bcn_backward_impl<float>(gy, x, given(w), given(b), given(gw), m, q, mean,
+                                                 var, groups, per_channel, estimate, eps, needs),
+                        needs, kArgs);
   }
 };
 
@@ -1000,48 +1034,24 @@ class CoreFunction : public torch::autograd::Function<CoreFunction> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &w = saved[1], &b = saved[2], &dw = saved[3], &db = saved[4];
+    const Inputs in{saved[0], saved[1], saved[2], saved[3], saved[4]};
+    const Tensor &x = in[0], &w = in[1], &b = in[2], &dw = in[3], &db = in[4];
     const Tensor &index = saved[5], &mean = saved[6], &var = saved[7];
     const int64_t domain = ctx->saved_data["domain"].toInt();
     const int64_t groups = ctx->saved_data["groups"].toInt();
     const double eps = ctx->saved_data["eps"].toDouble();
-    // Graph edges exist for the tensors that were given, in argument order.
-    std::array<bool, 5> needs{};
-    size_t edge = 0;
-    const std::array<const Tensor*, 5> params{&x, &w, &b, &dw, &db};
-    for (size_t i = 0; i < 5; ++i) {
-      if (params[i]->defined()) needs[i] = ctx->needs_input_grad(edge++);
-    }
+    const Needs needs = input_needs(ctx, in);
+    constexpr size_t kArgs = 9;
     const Tensor& gy = grads[0];
-    torch::autograd::variable_list out(9);
-    if (!gy.defined()) return out;
+    if (!gy.defined()) return torch::autograd::variable_list(kArgs);
     if (at::GradMode::is_enabled()) {
-      torch::autograd::variable_list wanted;
-      for (size_t i = 0; i < 5; ++i) {
-        if (needs[i]) wanted.push_back(*params[i]);
-      }
-      if (wanted.empty()) return out;
-      Tensor y = reference(x, w, b, dw, db, index, domain, groups, eps);
-      auto got = torch::autograd::grad({y}, wanted, {gy}, /*retain_graph=*/std::nullopt,
-                                       /*create_graph=*/true, /*allow_unused=*/true);
-      size_t j = 0;
-      for (size_t i = 0; i < 5; ++i) {
-        if (needs[i]) out[i] = got[j++];
-      }
-      return out;
+      return reference_grads(in, needs, gy, kArgs, [&] {
+        return reference(x, w, b, dw, db, index, domain, groups, eps);
+      });
     }
-    auto opt = [](const Tensor& t) { return t.defined() ? optional<Tensor>(t) : std::nullopt; };
-    auto g = core_backward(gy, x, opt(w), opt(b), opt(dw), opt(index), domain, groups, mean, var,
-                           eps, needs);
-    out[0] = std::get<0>(g);
-    out[1] = std::get<1>(g);
-    out[2] = std::get<2>(g);
-    out[3] = std::get<3>(g);
-    out[4] = std::get<4>(g);
-    for (size_t i = 0; i < 5; ++i) {
-      if (!needs[i]) out[i] = Tensor();
-    }
-    return out;
+    return kernel_grads(core_backward(gy, x, given(w), given(b), given(dw), given(index), domain,
+                                      groups, mean, var, eps, needs),
+                        needs, kArgs);
   }
 };
 
