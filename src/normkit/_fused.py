@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from normkit import functional as F
+from normkit import kernels
 
 __all__ = [
     "MOMENT_PATH_MIN_NUMEL",
@@ -359,7 +360,7 @@ def core_kernel(
     dom = domain if isinstance(domain, int) else 0
     # One operator whose autograd node is C++ too (normkit/csrc/core.cpp: CoreFunction), double
     # backward included: a Python autograd.Function costs more than the kernel at small sizes.
-    out: tuple[Tensor, Tensor, Tensor, Tensor] = torch.ops.normkit_kernels.core_forward(
+    out: tuple[Tensor, Tensor, Tensor, Tensor] = kernels.op("core_forward")(
         x, weight, bias, domain_weight, domain_bias, index, dom, groups, eps
     )
     return out

@@ -35,6 +35,7 @@ import platform
 import shutil
 import sysconfig
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -59,6 +60,8 @@ _FLAGS = ["-O3", "-fopenmp", "-march=native"]
 
 _loaded = False
 _enabled = False
+# The operators, looked up once (``torch.ops`` attribute lookups cost microseconds per call).
+_ops: dict[str, Any] = {}
 
 
 def source() -> Path:
@@ -104,6 +107,7 @@ def build(verbose: bool = False) -> None:
     if _loaded:
         return
     if _registered():
+        _remember_ops()
         _loaded = True
         return
     try:
@@ -123,7 +127,19 @@ def build(verbose: bool = False) -> None:
             f"normkit.kernels: could not build the CPU kernels ({type(exc).__name__}: {exc}); "
             "the layers keep their PyTorch path"
         ) from exc
+    _remember_ops()
     _loaded = True
+
+
+def _remember_ops() -> None:
+    namespace = torch.ops.normkit_kernels
+    for name in ("core_forward", "bcn_forward", "track_"):
+        _ops[name] = getattr(namespace, name).default
+
+
+def op(name: str) -> Any:
+    """The loaded operator ``torch.ops.normkit_kernels.<name>`` (its default overload)."""
+    return _ops[name]
 
 
 def enable(verbose: bool = False) -> None:
@@ -188,7 +204,7 @@ def track_(
     ``count[g] · spatial`` values each into the running buffers (row ``g`` into buffer row
     ``g``, or the single row into buffer row ``row`` when ``row >= 0``); ``momentum < 0`` is
     the cumulative average. Buffers and statistics share one dtype."""
-    torch.ops.normkit_kernels.track_(
+    _ops["track_"](
         running_mean, running_var, num_batches_tracked, mean, var, count, spatial, row, momentum
     )
 

@@ -181,7 +181,7 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
         w, b, gw, gb = (None if p is None else p if p.dtype == x.dtype else p.to(x.dtype)
                         for p in params)  # fmt: skip
         tracked = self.running_var is not None
-        y, *_ = torch.ops.normkit_kernels.bcn_forward(
+        y, *_ = kernels.op("bcn_forward")(
             x,
             w,
             b,

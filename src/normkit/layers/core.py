@@ -223,7 +223,9 @@ class _BatchNormCore(Synchronized, _BatchNorm):
                     "`with normkit.condition(model, domain):`"
                 )
             check_index(name, domain, self.num_domains, input.shape[0], input.device)
-            if isinstance(domain, Tensor):
+            if isinstance(domain, Tensor) and (
+                domain.dtype != torch.long or domain.device != input.device
+            ):
                 domain = domain.to(device=input.device, dtype=torch.long)
         else:
             domain = 0
@@ -263,12 +265,14 @@ class _BatchNormCore(Synchronized, _BatchNorm):
         generic fold (large inputs only)."""
         if x.numel() == 0:
             return None
+        # normkit's compiled kernel, when enabled: one call each way at every size.
+        if kernels.applies(x) and self._takes_kernel(params):
+            return self._kernel_forward(x, domain, params)
         per_sample = self.split_stats and not isinstance(domain, int)
         large = x.numel() >= _fused.MOMENT_PATH_MIN_NUMEL
         # Small whole-batch inputs: ATen's batch norm is two operator calls, where the
-        # closed-form function's dozens of small ones cost more than its faster passes save
-        # (normkit's compiled kernel, when enabled, is one call at every size).
-        if x.dim() > 2 and (per_sample or kernels.applies(x) or (large and x.is_contiguous())):
+        # closed-form function's dozens of small ones cost more than its faster passes save.
+        if x.dim() > 2 and (per_sample or (large and x.is_contiguous())):
             return self._fast_norm_affine(x, domain, params)
         if per_sample and isinstance(domain, Tensor):  # (N, C) inputs
             return self._fast_split_forward(x, domain, params) if large else None
@@ -279,10 +283,7 @@ class _BatchNormCore(Synchronized, _BatchNorm):
     ) -> Tensor:
         """Contiguous input: statistics from per-(sample, channel) moments (of the whole batch,
         or per domain with per-sample split statistics), the folded affine in one pass, and a
-        closed-form backward (:func:`normkit._fused.norm_affine`), or all of it in normkit's
-        compiled kernel where it is enabled and applies (:mod:`normkit.kernels`)."""
-        if kernels.applies(x):
-            return self._kernel_forward(x, domain, params)
+        closed-form backward (:func:`normkit._fused.norm_affine`)."""
         weight, bias = self._combined_affine(domain, *params)
         pdtype = F.stats_dtype(x.dtype)
         w = None if weight is None else weight.to(pdtype)
@@ -296,6 +297,11 @@ class _BatchNormCore(Synchronized, _BatchNorm):
         y, mean, var, _ = norm_affine(x, w, b, self.eps)
         self._track_whole_batch(mean, var, domain, x)
         return y
+
+    def _takes_kernel(self, params: tuple[Tensor | None, ...]) -> bool:
+        """Whether the compiled kernel computes this layer's training forward with these
+        parameters (:meth:`_affines`): the core's folded affine, yes."""
+        return True
 
     def _kernel_forward(
         self, x: Tensor, domain: DomainIndex, params: tuple[Tensor | None, ...]

@@ -166,6 +166,11 @@ class _BatchRenorm(_BatchNormCore):
             weight, bias = self._renorm_affine(mean, var, weight, bias, reference)
         return super()._fold(mean, var, domain, weight, bias, domain_weight, domain_bias)
 
+    def _takes_kernel(self, params: tuple[Tensor | None, ...]) -> bool:
+        """Not while r and d are active: they depend on the batch statistics, which the kernel
+        computes inside."""
+        return len(params) <= 4
+
     def _fast_norm_affine(
         self, x: Tensor, domain: DomainIndex, params: tuple[Tensor | None, ...]
     ) -> Tensor:
