@@ -664,3 +664,21 @@ def test_eval_mode_under_vmap_of_functional_call_matches_loop() -> None:
         looped = torch.stack([run(w) for w in weights])
     torch.testing.assert_close(batched, looped)
     torch.testing.assert_close(looped[1], F.conv2d(x, ref_paper(weights[1]), m.bias))
+
+
+@pytest.mark.parametrize("cls", [normkit.WSConv2d, normkit.ScaledWSConv2d])
+def test_empty_inputs_are_checked_before_the_convolution(cls: Any) -> None:
+    """torch convolves an empty integer (or wrong-dtype) tensor without complaint, so the input
+    checks that otherwise run only after a failure run first for empty inputs (found by the fuzz
+    test); a non-empty bad input is refused with the same message after torch's failure."""
+    conv = cls(1, 1, 1, bias=False)
+    for x, fragment in [
+        (torch.zeros(0, 1, 1, 1, dtype=torch.long), "floating-point input"),
+        (torch.zeros(0, 1, 1, 1, dtype=torch.float64), "torch.float64"),
+        (torch.zeros(2, 1, 1, 1, dtype=torch.long), "floating-point input"),
+        (torch.zeros(2, 3, 4, 4), "expected 1 channels"),
+    ]:
+        with pytest.raises((TypeError, ValueError), match=f"^{cls.__name__}: ") as info:
+            conv(x)
+        assert fragment in str(info.value)
+    assert conv(torch.zeros(0, 1, 3, 3)).shape == (0, 1, 3, 3)
