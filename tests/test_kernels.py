@@ -11,6 +11,7 @@ the routing (which inputs the kernel takes) are checked separately.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -311,3 +312,39 @@ def test_blocks_and_chunks_of_a_larger_input(
     for (name, got), want in zip(layer.named_buffers(), ref.buffers()):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
     assert kernel_calls
+
+
+def test_strided_indices_and_parameters_are_read_correctly(kernel_calls: list[str]) -> None:
+    """An index sliced from a larger one and a parameter that is a strided view reach the kernel
+    as contiguous copies (the kernel reads raw memory)."""
+    layer = nk.SandwichBatchNorm2d(3, 3, split_stats=True).to(F64)
+    wide = torch.randn(3, 2, dtype=F64)
+    layer.weight = torch.nn.Parameter(wide[:, 0])  # stride 2
+    ref = copy.deepcopy(layer)
+    ref.fast = False
+    x = torch.randn(4, 3, 2, 2, dtype=F64)
+    domain = torch.tensor([0, 9, 2, 9, 1, 9, 1, 9])[::2]  # [0, 2, 1, 1], stride 2
+    assert not layer.weight.is_contiguous() and not domain.is_contiguous()
+    upstream = torch.randn(4, 3, 2, 2, dtype=F64)
+    results = []
+    for module in (layer, ref):
+        xi = x.clone().requires_grad_()
+        y = module(xi, domain)
+        y.backward(upstream)
+        results.append((y, xi.grad, *(p.grad for p in module.parameters())))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert kernel_calls
+
+
+def test_the_environment_variable_enables_them_at_import() -> None:
+    import subprocess
+    import sys
+
+    code = "import normkit, normkit.kernels as k; print(k.is_enabled())"
+    env = {**os.environ, "NORMKIT_KERNELS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"

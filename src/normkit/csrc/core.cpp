@@ -252,7 +252,9 @@ void affine_pass(const T* g, const T* x, T* out, const Shape& d, const std::vect
                          const T* gr = g + r * d.c;
                          const T* a = al.data() + i * d.c;
 #pragma omp simd
-                         for (int64_t j = 0; j < d.c; ++j) orow[j] = a[j] * gr[j] + b[j] * xr[j] + c[j];
+                         for (int64_t j = 0; j < d.c; ++j) {
+                           orow[j] = a[j] * gr[j] + b[j] * xr[j] + c[j];
+                         }
                        } else {
 #pragma omp simd
                          for (int64_t j = 0; j < d.c; ++j) orow[j] = b[j] * xr[j] + c[j];
@@ -263,7 +265,15 @@ void affine_pass(const T* g, const T* x, T* out, const Shape& d, const std::vect
 
 template <typename T>
 const T* ptr_or_null(const optional<Tensor>& t) {
-  return t.has_value() ? t->data_ptr<T>() : nullptr;
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->is_contiguous(), "normkit kernel: a contiguous parameter");
+  return t->data_ptr<T>();
+}
+
+// Parameters and indices as the kernels read them: contiguous (a view with strides, such as an
+// index sliced from a larger one, is copied; a contiguous tensor is passed as is).
+optional<Tensor> dense(const optional<Tensor>& t) {
+  return t.has_value() ? optional<Tensor>(t->contiguous()) : t;
 }
 
 // ---- The batch-norm core ------------------------------------------------------------------------
@@ -467,9 +477,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> core_forward(
     const optional<Tensor>& dweight, const optional<Tensor>& dbias, const optional<Tensor>& index,
     int64_t domain, int64_t groups, double eps) {
   if (x.scalar_type() == at::kDouble) {
-    return forward_impl<double>(x, weight, bias, dweight, dbias, index, domain, groups, eps);
+    return forward_impl<double>(x, dense(weight), dense(bias), dense(dweight), dense(dbias),
+                                dense(index), domain, groups, eps);
   }
-  return forward_impl<float>(x, weight, bias, dweight, dbias, index, domain, groups, eps);
+  return forward_impl<float>(x, dense(weight), dense(bias), dense(dweight), dense(dbias),
+                             dense(index), domain, groups, eps);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> core_backward(
@@ -478,11 +490,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> core_backward(
     int64_t domain, int64_t groups, const Tensor& mean, const Tensor& var, double eps,
     std::array<bool, 5> mask) {
   if (x.scalar_type() == at::kDouble) {
-    return backward_impl<double>(gy, x, weight, bias, dweight, index, domain, groups, mean, var,
-                                 eps, mask);
+    return backward_impl<double>(gy, x, dense(weight), dense(bias), dense(dweight), dense(index),
+                                 domain, groups, mean, var, eps, mask);
   }
-  return backward_impl<float>(gy, x, weight, bias, dweight, index, domain, groups, mean, var, eps,
-                              mask);
+  return backward_impl<float>(gy, x, dense(weight), dense(bias), dense(dweight), dense(index),
+                              domain, groups, mean, var, eps, mask);
 }
 
 // running ← lerp(running, batch, f) with the unbiased batch variance, as torch's lerp_ computes
@@ -505,8 +517,8 @@ void track_row(T* rm, T* rv, int64_t* nbt, const T* mean, const T* var, double v
   }
 }
 
-// Rows of (G, C) batch statistics over count[g] · spatial values each: row g updates buffer row g, or,
-// with row >= 0, the single statistics row updates buffer row `row`.
+// Rows of (G, C) batch statistics over count[g] · spatial values each: row g updates buffer
+// row g, or, with row >= 0, the single statistics row updates buffer row `row`.
 void track_(const optional<Tensor>& running_mean, const Tensor& running_var,
             const Tensor& num_batches_tracked, const Tensor& mean, const Tensor& var,
             const Tensor& count, int64_t spatial, int64_t row, double momentum) {
@@ -884,14 +896,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bcn_forward(
     const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
     const optional<Tensor>& num_batches_tracked, int64_t groups, bool per_channel,
     bool estimate, double eps, double rate, double momentum) {
-  if (x.scalar_type() == at::kDouble) {
-    return bcn_forward_impl<double>(x, weight, bias, gweight, gbias, running_mean, running_var,
-                                    num_batches_tracked, groups, per_channel, estimate, eps,
-                                    rate, momentum);
+  const int64_t c = x.dim() > 1 ? x.size(1) : 0;
+  for (const auto* buffer : {&running_mean, &running_var}) {
+    if (buffer->has_value()) {
+      TORCH_CHECK((*buffer)->is_contiguous() && (*buffer)->numel() == c &&
+                      (*buffer)->scalar_type() == x.scalar_type(),
+                  "normkit bcn kernel: running buffers of C values in the input's dtype");
+    }
   }
-  return bcn_forward_impl<float>(x, weight, bias, gweight, gbias, running_mean, running_var,
-                                 num_batches_tracked, groups, per_channel, estimate, eps, rate,
-                                 momentum);
+  if (x.scalar_type() == at::kDouble) {
+    return bcn_forward_impl<double>(x, dense(weight), dense(bias), dense(gweight), dense(gbias),
+                                    running_mean, running_var, num_batches_tracked, groups,
+                                    per_channel, estimate, eps, rate, momentum);
+  }
+  return bcn_forward_impl<float>(x, dense(weight), dense(bias), dense(gweight), dense(gbias),
+                                 running_mean, running_var, num_batches_tracked, groups,
+                                 per_channel, estimate, eps, rate, momentum);
 }
 
 class BcnFunction : public torch::autograd::Function<BcnFunction> {
@@ -940,14 +960,14 @@ class BcnFunction : public torch::autograd::Function<BcnFunction> {
         return bcn_reference(x, w, b, gw, gb, mean, var, groups, per_channel, estimate, eps);
       });
     }
+    const optional<Tensor> wc = dense(given(w)), bc = dense(given(b)), gwc = dense(given(gw));
     if (x.scalar_type() == at::kDouble) {
-      return kernel_grads(bcn_backward_impl<double>(gy, x, given(w), given(b), given(gw), m, q,
-                                                    mean, var, groups, per_channel, estimate, eps,
-                                                    needs),
+      return kernel_grads(bcn_backward_impl<double>(gy, x, wc, bc, gwc, m, q, mean, var, groups,
+                                                    per_channel, estimate, eps, needs),
                           needs, kArgs);
     }
-    return kernel_grads(bcn_backward_impl<float>(gy, x, given(w), given(b), given(gw), m, q, mean,
-                                                 var, groups, per_channel, estimate, eps, needs),
+    return kernel_grads(bcn_backward_impl<float>(gy, x, wc, bc, gwc, m, q, mean, var, groups,
+                                                 per_channel, estimate, eps, needs),
                         needs, kArgs);
   }
 };
