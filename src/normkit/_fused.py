@@ -351,17 +351,39 @@ def core_kernel(
     domain: int | Tensor,
     groups: int,
     eps: float,
+    running: tuple[Tensor | None, Tensor, Tensor, int, float] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`norm_affine` of the combined affine (:func:`combined_affine`), in normkit's
     compiled kernel: ``(y, mean, var, count)`` with ``(G, C)`` statistics, ``G = groups`` (the
     statistics of each domain of the ``(N,)`` index ``domain``) or 1 (``groups == 0``, the
-    whole batch). ``x`` contiguous float32/float64 on the CPU, every tensor in its dtype."""
+    whole batch). ``x`` contiguous or channels_last float32/float64 on the CPU, every tensor in
+    its dtype.
+
+    ``running`` is ``(running_mean, running_var, num_batches_tracked, row, momentum)``: the
+    kernel then also folds the statistics into those ``(R, C)`` buffers as
+    :func:`normkit._stats.track_batch_` does (row ``g`` into buffer row ``g``, or the single
+    row into buffer row ``row >= 0``; ``momentum < 0`` for the cumulative average).
+    """
     index = domain if isinstance(domain, Tensor) else None
     dom = domain if isinstance(domain, int) else 0
+    rm, rv, nbt, row, momentum = (None, None, None, -1, 0.0) if running is None else running
     # One operator whose autograd node is C++ too (normkit/csrc/core.cpp: CoreFunction), double
     # backward included: a Python autograd.Function costs more than the kernel at small sizes.
     out: tuple[Tensor, Tensor, Tensor, Tensor] = kernels.op("core_forward")(
-        x, weight, bias, domain_weight, domain_bias, index, dom, groups, eps
+        x,
+        weight,
+        bias,
+        domain_weight,
+        domain_bias,
+        index,
+        dom,
+        groups,
+        eps,
+        rm,
+        rv,
+        nbt,
+        row,
+        momentum,
     )
     return out
 

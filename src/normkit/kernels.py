@@ -133,7 +133,7 @@ def build(verbose: bool = False) -> None:
 
 def _remember_ops() -> None:
     namespace = torch.ops.normkit_kernels
-    for name in ("core_forward", "bcn_forward", "track_"):
+    for name in ("core_forward", "bcn_forward"):
         _ops[name] = getattr(namespace, name).default
 
 
@@ -187,26 +187,6 @@ def applies(x: Tensor) -> bool:
     if x.dim() == 4:
         return x.is_contiguous(memory_format=torch.channels_last)
     return x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
-
-
-def track_(
-    running_mean: Tensor | None,
-    running_var: Tensor,
-    num_batches_tracked: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    count: Tensor,
-    spatial: int,
-    row: int,
-    momentum: float,
-) -> None:
-    """:func:`normkit._stats.track_batch_` in one call: fold ``(G, C)`` biased batch moments over
-    ``count[g] · spatial`` values each into the running buffers (row ``g`` into buffer row
-    ``g``, or the single row into buffer row ``row`` when ``row >= 0``); ``momentum < 0`` is
-    the cumulative average. Buffers and statistics share one dtype."""
-    _ops["track_"](
-        running_mean, running_var, num_batches_tracked, mean, var, count, spatial, row, momentum
-    )
 
 
 if os.environ.get("NORMKIT_KERNELS", "") not in ("", "0"):

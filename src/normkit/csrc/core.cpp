@@ -7,7 +7,9 @@
 //   sample's domain, γ, β the optional shared (C,) affine and γ_k, β_k the optional per-domain
 //   (K, C) affine: y = γ_k ⊙ (γ ⊙ x̂ + β) + β_k = a[n, c] · x + b[n, c].
 // * bcn_forward: Batch-Channel Normalization (normkit.layers.batch_channel).
-// * track_: the running-statistics update (normkit._stats.track_batch_).
+//
+// Each forward also updates the layer's running statistics (or BCN's estimates) by the rules of
+// normkit._stats, in the same call; each has an autograd node here (CoreFunction, BcnFunction).
 //
 // Both layers run in the same three steps each way: per-(sample, channel) sums in one pass over
 // the activation, arithmetic on (N, C) arrays, one elementwise pass. The passes exist for two
@@ -276,6 +278,58 @@ optional<Tensor> dense(const optional<Tensor>& t) {
   return t.has_value() ? optional<Tensor>(t->contiguous()) : t;
 }
 
+// running ← lerp(running, batch, f) with the unbiased batch variance, as torch's lerp_ computes
+// it, for one row of (R, C) buffers (R = num_batches_tracked.numel()); skipped for rows with at
+// most one value and for channels whose statistics are not finite (normkit._stats.track_batch_).
+template <typename T>
+void track_row(T* rm, T* rv, int64_t* nbt, const T* mean, const T* var, double values,
+               double momentum, int64_t c) {
+  if (values <= 1.0) return;
+  *nbt += 1;
+  const T f = static_cast<T>(momentum < 0 ? 1.0 / static_cast<double>(std::max<int64_t>(*nbt, 1))
+                                          : momentum);
+  const T corr = static_cast<T>(values / (values - 1.0));
+  auto lerp = [f](T a, T b) { return f < T(0.5) ? a + f * (b - a) : b - (b - a) * (T(1) - f); };
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const T v = var[ch] * corr;
+    if (!std::isfinite(mean[ch] + v)) continue;
+    if (rm) rm[ch] = lerp(rm[ch], mean[ch]);
+    rv[ch] = lerp(rv[ch], v);
+  }
+}
+
+// Rows of (G, C) batch statistics over values[g] values each into (R, C) running buffers
+// (R = num_batches_tracked.numel()): row g into buffer row g, or, with row >= 0, the single row
+// into buffer row `row`. No buffers (running_var absent): nothing to do.
+template <typename T>
+void track_groups(const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
+                  const optional<Tensor>& num_batches_tracked, const T* mean, const T* var,
+                  const std::vector<double>& values, int64_t c, int64_t row, double momentum) {
+  if (!running_var.has_value()) return;
+  TORCH_CHECK(num_batches_tracked.has_value() &&
+                  num_batches_tracked->scalar_type() == at::kLong &&
+                  num_batches_tracked->is_contiguous(),
+              "normkit kernel: num_batches_tracked");
+  const int64_t rows = num_batches_tracked->numel();
+  const int64_t ng = static_cast<int64_t>(values.size());
+  TORCH_CHECK(row >= 0 ? (ng == 1 && row < rows) : ng == rows, "normkit kernel: buffer rows");
+  for (const auto* buffer : {&running_mean, &running_var}) {
+    if (buffer->has_value()) {
+      TORCH_CHECK((*buffer)->is_contiguous() && (*buffer)->numel() == rows * c &&
+                      (*buffer)->scalar_type() == c10::CppTypeToScalarType<T>::value,
+                  "normkit kernel: running buffers of (R, C) values in the input's dtype");
+    }
+  }
+  T* rm = running_mean.has_value() ? running_mean->data_ptr<T>() : nullptr;
+  T* rv = running_var->data_ptr<T>();
+  int64_t* nbt = num_batches_tracked->data_ptr<int64_t>();
+  for (int64_t g = 0; g < ng; ++g) {
+    const int64_t r = row >= 0 ? row : g;
+    track_row<T>(rm ? rm + r * c : nullptr, rv + r * c, nbt + r, mean + g * c, var + g * c,
+                 values[g], momentum, c);
+  }
+}
+
 // ---- The batch-norm core ------------------------------------------------------------------------
 
 // Per-sample domain k and statistics group g.
@@ -325,7 +379,9 @@ template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(
     const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
     const optional<Tensor>& dweight, const optional<Tensor>& dbias, const optional<Tensor>& index,
-    int64_t domain, int64_t groups, double eps) {
+    int64_t domain, int64_t groups, double eps, const optional<Tensor>& running_mean,
+    const optional<Tensor>& running_var, const optional<Tensor>& num_batches_tracked, int64_t row,
+    double momentum) {
   const Shape d = shape_of(x, "normkit core kernel");
   const int64_t n = d.n, c = d.c, s = d.s;
   const int64_t ng = groups > 0 ? groups : 1;
@@ -366,6 +422,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(
     inv[j] = static_cast<double>(vp[j]) + eps;
   }
   for (int64_t j = 0; j < ng * c; ++j) inv[j] = 1.0 / std::sqrt(inv[j]);
+  // The running statistics, from the rounded statistics as the PyTorch path updates them.
+  std::vector<double> values(ng);
+  for (int64_t g = 0; g < ng; ++g) values[g] = static_cast<double>(cnt.samples[g] * s);
+  track_groups<T>(running_mean, running_var, num_batches_tracked, mp, vp, values, c, row,
+                  momentum);
   // The folded affine.
   const T* w = ptr_or_null<T>(weight);
   const T* b = ptr_or_null<T>(bias);
@@ -475,13 +536,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
 std::tuple<Tensor, Tensor, Tensor, Tensor> core_forward(
     const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
     const optional<Tensor>& dweight, const optional<Tensor>& dbias, const optional<Tensor>& index,
-    int64_t domain, int64_t groups, double eps) {
+    int64_t domain, int64_t groups, double eps, const optional<Tensor>& running_mean,
+    const optional<Tensor>& running_var, const optional<Tensor>& num_batches_tracked, int64_t row,
+    double momentum) {
   if (x.scalar_type() == at::kDouble) {
     return forward_impl<double>(x, dense(weight), dense(bias), dense(dweight), dense(dbias),
-                                dense(index), domain, groups, eps);
+                                dense(index), domain, groups, eps, running_mean, running_var,
+                                num_batches_tracked, row, momentum);
   }
   return forward_impl<float>(x, dense(weight), dense(bias), dense(dweight), dense(dbias),
-                             dense(index), domain, groups, eps);
+                             dense(index), domain, groups, eps, running_mean, running_var,
+                             num_batches_tracked, row, momentum);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> core_backward(
@@ -495,62 +560,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> core_backward(
   }
   return backward_impl<float>(gy, x, dense(weight), dense(bias), dense(dweight), dense(index),
                               domain, groups, mean, var, eps, mask);
-}
-
-// running ← lerp(running, batch, f) with the unbiased batch variance, as torch's lerp_ computes
-// it, for one row of (R, C) buffers (R = num_batches_tracked.numel()); skipped for rows with at
-// most one value and for channels whose statistics are not finite (normkit._stats.track_batch_).
-template <typename T>
-void track_row(T* rm, T* rv, int64_t* nbt, const T* mean, const T* var, double values,
-               double momentum, int64_t c) {
-  if (values <= 1.0) return;
-  *nbt += 1;
-  const T f = static_cast<T>(momentum < 0 ? 1.0 / static_cast<double>(std::max<int64_t>(*nbt, 1))
-                                          : momentum);
-  const T corr = static_cast<T>(values / (values - 1.0));
-  auto lerp = [f](T a, T b) { return f < T(0.5) ? a + f * (b - a) : b - (b - a) * (T(1) - f); };
-  for (int64_t ch = 0; ch < c; ++ch) {
-    const T v = var[ch] * corr;
-    if (!std::isfinite(mean[ch] + v)) continue;
-    if (rm) rm[ch] = lerp(rm[ch], mean[ch]);
-    rv[ch] = lerp(rv[ch], v);
-  }
-}
-
-// Rows of (G, C) batch statistics over count[g] · spatial values each: row g updates buffer
-// row g, or, with row >= 0, the single statistics row updates buffer row `row`.
-void track_(const optional<Tensor>& running_mean, const Tensor& running_var,
-            const Tensor& num_batches_tracked, const Tensor& mean, const Tensor& var,
-            const Tensor& count, int64_t spatial, int64_t row, double momentum) {
-  const int64_t c = mean.size(-1);
-  const int64_t rows = num_batches_tracked.numel();
-  const int64_t g = mean.numel() / c;
-  TORCH_CHECK(running_var.is_contiguous() && running_var.numel() == rows * c &&
-                  mean.is_contiguous() && var.is_contiguous() && count.is_contiguous() &&
-                  count.numel() == g && num_batches_tracked.scalar_type() == at::kLong &&
-                  running_var.scalar_type() == mean.scalar_type() &&
-                  var.scalar_type() == mean.scalar_type() &&
-                  count.scalar_type() == mean.scalar_type(),
-              "normkit track_: unexpected buffers or statistics");
-  TORCH_CHECK(row >= 0 ? (g == 1 && row < rows) : g == rows, "normkit track_: rows");
-  if (running_mean.has_value()) {
-    TORCH_CHECK(running_mean->is_contiguous() && running_mean->numel() == rows * c &&
-                    running_mean->scalar_type() == mean.scalar_type(),
-                "normkit track_: running_mean");
-  }
-  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "normkit_track_", [&] {
-    scalar_t* rm = running_mean.has_value() ? running_mean->data_ptr<scalar_t>() : nullptr;
-    scalar_t* rv = running_var.data_ptr<scalar_t>();
-    int64_t* nbt = num_batches_tracked.data_ptr<int64_t>();
-    const scalar_t* mp = mean.data_ptr<scalar_t>();
-    const scalar_t* vp = var.data_ptr<scalar_t>();
-    const scalar_t* cp = count.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < g; ++i) {
-      const int64_t r = row >= 0 ? row : i;
-      track_row<scalar_t>(rm ? rm + r * c : nullptr, rv + r * c, nbt + r, mp + i * c, vp + i * c,
-                          static_cast<double>(cp[i]) * static_cast<double>(spatial), momentum, c);
-    }
-  });
 }
 
 // ---- Batch-Channel Normalization (normkit.layers.batch_channel) --------------------------------
@@ -1037,9 +1046,12 @@ class CoreFunction : public torch::autograd::Function<CoreFunction> {
       torch::autograd::AutogradContext* ctx, const Tensor& x, const optional<Tensor>& weight,
       const optional<Tensor>& bias, const optional<Tensor>& dweight,
       const optional<Tensor>& dbias, const optional<Tensor>& index, int64_t domain,
-      int64_t groups, double eps) {
+      int64_t groups, double eps, const optional<Tensor>& running_mean,
+      const optional<Tensor>& running_var, const optional<Tensor>& num_batches_tracked,
+      int64_t row, double momentum) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto out = core_forward(x, weight, bias, dweight, dbias, index, domain, groups, eps);
+    auto out = core_forward(x, weight, bias, dweight, dbias, index, domain, groups, eps,
+                            running_mean, running_var, num_batches_tracked, row, momentum);
     const Tensor none;
     ctx->save_for_backward({x, weight.value_or(none), bias.value_or(none),
                             dweight.value_or(none), dbias.value_or(none), index.value_or(none),
@@ -1061,7 +1073,7 @@ class CoreFunction : public torch::autograd::Function<CoreFunction> {
     const int64_t groups = ctx->saved_data["groups"].toInt();
     const double eps = ctx->saved_data["eps"].toDouble();
     const Needs needs = input_needs(ctx, in);
-    constexpr size_t kArgs = 9;
+    constexpr size_t kArgs = 14;
     const Tensor& gy = grads[0];
     if (!gy.defined()) return torch::autograd::variable_list(kArgs);
     if (at::GradMode::is_enabled()) {
@@ -1078,8 +1090,11 @@ class CoreFunction : public torch::autograd::Function<CoreFunction> {
 std::tuple<Tensor, Tensor, Tensor, Tensor> core_forward_autograd(
     const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
     const optional<Tensor>& dweight, const optional<Tensor>& dbias, const optional<Tensor>& index,
-    int64_t domain, int64_t groups, double eps) {
-  auto out = CoreFunction::apply(x, weight, bias, dweight, dbias, index, domain, groups, eps);
+    int64_t domain, int64_t groups, double eps, const optional<Tensor>& running_mean,
+    const optional<Tensor>& running_var, const optional<Tensor>& num_batches_tracked, int64_t row,
+    double momentum) {
+  auto out = CoreFunction::apply(x, weight, bias, dweight, dbias, index, domain, groups, eps,
+                                 running_mean, running_var, num_batches_tracked, row, momentum);
   return {out[0], out[1], out[2], out[3]};
 }
 
@@ -1088,7 +1103,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> core_forward_autograd(
 TORCH_LIBRARY(normkit_kernels, m) {
   m.def(
       "core_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? dweight, Tensor? dbias, "
-      "Tensor? index, int domain, int groups, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? index, int domain, int groups, float eps, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, int row, float momentum) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "core_backward(Tensor gy, Tensor x, Tensor? weight, Tensor? bias, Tensor? dweight, "
       "Tensor? index, int domain, int groups, Tensor mean, Tensor var, float eps, bool[5] mask)"
@@ -1098,15 +1115,11 @@ TORCH_LIBRARY(normkit_kernels, m) {
       "Tensor? group_bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "Tensor(c!)? num_batches_tracked, int groups, bool per_channel, bool estimate, float eps, "
       "float rate, float momentum) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "track_(Tensor(a!)? running_mean, Tensor(b!) running_var, Tensor(c!) num_batches_tracked, "
-      "Tensor mean, Tensor var, Tensor count, int spatial, int row, float momentum) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(normkit_kernels, CPU, m) {
   m.impl("core_forward", &core_forward);
   m.impl("core_backward", &core_backward);
-  m.impl("track_", &track_);
   m.impl("bcn_forward", &bcn_forward);
 }
 

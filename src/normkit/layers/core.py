@@ -316,28 +316,26 @@ class _BatchNormCore(Synchronized, _BatchNorm):
             dw, db = dw.to(dtype), None if db is None else db.to(dtype)
         per_sample = self.split_stats and isinstance(domain, Tensor)
         groups = self.num_domains if per_sample else 0
-        y, mean, var, count = core_kernel(x, w, b, dw, db, domain, groups, self.eps)
         running_mean, running_var = self.running_mean, self.running_var
-        if self.training and running_mean is not None:
-            assert running_var is not None and self.num_batches_tracked is not None
-            # One row of statistics per domain, or the whole batch's for the (C,) buffers or
-            # for one domain's row of split buffers.
+        counts = self.num_batches_tracked
+        track = self.training and running_var is not None
+        running = None
+        if (
+            track
+            and running_var is not None
+            and counts is not None
+            and running_var.dtype == dtype
+            and (running_mean is None or running_mean.dtype == dtype)
+        ):
+            # The kernel updates the buffers in the same call: one row of statistics per
+            # domain, or the whole batch's for (C,) buffers or for one domain's row.
             row = domain if self.split_stats and isinstance(domain, int) else -1
             momentum = -1.0 if self.momentum is None else self.momentum
-            spatial = x.numel() // (x.shape[0] * x.shape[1])
-            if running_mean.dtype == running_var.dtype == mean.dtype:
-                kernels.track_(
-                    running_mean,
-                    running_var,
-                    self.num_batches_tracked,
-                    mean,
-                    var,
-                    count,
-                    spatial,
-                    row,
-                    momentum,
-                )
-            elif per_sample:
+            running = (running_mean, running_var, counts, row, momentum)
+        y, mean, var, count = core_kernel(x, w, b, dw, db, domain, groups, self.eps, running)
+        if track and running is None:  # buffers in another dtype than the input
+            if per_sample:
+                spatial = x.numel() // (x.shape[0] * x.shape[1])
                 self._update_running(mean, var, count * spatial)
             else:
                 self._track_whole_batch(mean[0], var[0], domain, x)
