@@ -69,106 +69,34 @@ int64_t block_grain(int64_t s) {
   return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, s * kWidth));
 }
 
-// Σ (p[i] − f) and Σ (p[i] − f)² over one plane, in double.
-template <typename T>
-void plane_sums(const T* p, int64_t s, T f, double& sum, double& sq) {
-  sum = 0.0;
-  sq = 0.0;
-  for (int64_t start = 0; start < s; start += kChunk) {
-    const int64_t end = std::min(s, start + kChunk);
-    T a = 0, b = 0;
-#pragma omp simd reduction(+ : a, b)
-    for (int64_t i = start; i < end; ++i) {
-      const T d = p[i] - f;
-      a += d;
-      b += d * d;
-    }
-    sum += static_cast<double>(a);
-    sq += static_cast<double>(b);
-  }
-}
-
-// Per-(n, c) mean m and biased variance q, in double.
-template <typename T>
-void moments(const T* x, const Shape& d, double* m, double* q) {
-  const double inv_s = 1.0 / static_cast<double>(d.s);
-  auto finish = [&](int64_t at, double f, double sum, double sq) {
-    const double mean_d = sum * inv_s;
-    m[at] = f + mean_d;
-    q[at] = std::max(0.0, sq * inv_s - mean_d * mean_d);
-  };
+// Two sums per (n, c) over the positions, Σ da and Σ db with term(u, x, k, da, db) for each
+// position's values u and x and the (n, c) constant k[n, c]: in T lanes (vectorized along the
+// plane, or along the channels for channels_last), flushed to double every kChunk positions.
+template <typename T, typename Term>
+void pair_sums(const T* u, const T* x, const T* k, const Shape& d, double* sa, double* sb,
+               Term term) {
   if (!d.last) {
     at::parallel_for(0, d.n * d.c, plane_grain(d.s), [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
-        const T* row = x + p * d.s;
-        double sum, sq;
-        plane_sums<T>(row, d.s, row[0], sum, sq);
-        finish(p, static_cast<double>(row[0]), sum, sq);
-      }
-    });
-    return;
-  }
-  const int64_t blocks = (d.c + kWidth - 1) / kWidth;
-  at::parallel_for(0, d.n * blocks, block_grain(d.s), [&](int64_t t0, int64_t t1) {
-    T f[kWidth], a[kWidth], b[kWidth];
-    double sum[kWidth], sq[kWidth];
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t i = task / blocks, c0 = (task % blocks) * kWidth;
-      const int64_t w = std::min(kWidth, d.c - c0);
-      const T* base = x + i * d.s * d.c + c0;
-      for (int64_t j = 0; j < w; ++j) {
-        f[j] = base[j];
-        sum[j] = 0.0;
-        sq[j] = 0.0;
-      }
-      for (int64_t start = 0; start < d.s; start += kChunk) {
-        const int64_t end = std::min(d.s, start + kChunk);
-        std::fill(a, a + w, T(0));
-        std::fill(b, b + w, T(0));
-        for (int64_t r = start; r < end; ++r) {
-          const T* row = base + r * d.c;
-#pragma omp simd
-          for (int64_t j = 0; j < w; ++j) {
-            const T v = row[j] - f[j];
-            a[j] += v;
-            b[j] += v * v;
-          }
-        }
-        for (int64_t j = 0; j < w; ++j) {
-          sum[j] += static_cast<double>(a[j]);
-          sq[j] += static_cast<double>(b[j]);
-        }
-      }
-      for (int64_t j = 0; j < w; ++j) {
-        finish(i * d.c + c0 + j, static_cast<double>(f[j]), sum[j], sq[j]);
-      }
-    }
-  });
-}
-
-// Σ g and Σ g · (x − centre) per (n, c), in double; centre (N, C) in T.
-template <typename T>
-void grad_sums(const T* g, const T* x, const Shape& d, const T* centre, double* sa, double* sp) {
-  if (!d.last) {
-    at::parallel_for(0, d.n * d.c, plane_grain(d.s), [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const T* gp = g + p * d.s;
+        const T* up = u + p * d.s;
         const T* xp = x + p * d.s;
-        const T m = centre[p];
-        double a_sum = 0.0, p_sum = 0.0;
+        const T kp = k[p];
+        double a_sum = 0.0, b_sum = 0.0;
         for (int64_t start = 0; start < d.s; start += kChunk) {
           const int64_t end = std::min(d.s, start + kChunk);
           T a = 0, b = 0;
 #pragma omp simd reduction(+ : a, b)
           for (int64_t i = start; i < end; ++i) {
-            a += gp[i];
-            b += gp[i] * (xp[i] - m);
+            T da, db;
+            term(up[i], xp[i], kp, da, db);
+            a += da;
+            b += db;
           }
           a_sum += static_cast<double>(a);
-          p_sum += static_cast<double>(b);
+          b_sum += static_cast<double>(b);
         }
         sa[p] = a_sum;
-        sp[p] = p_sum;
+        sb[p] = b_sum;
       }
     });
     return;
@@ -176,38 +104,73 @@ void grad_sums(const T* g, const T* x, const Shape& d, const T* centre, double* 
   const int64_t blocks = (d.c + kWidth - 1) / kWidth;
   at::parallel_for(0, d.n * blocks, block_grain(d.s), [&](int64_t t0, int64_t t1) {
     T a[kWidth], b[kWidth];
-    double a_sum[kWidth], p_sum[kWidth];
+    double a_sum[kWidth], b_sum[kWidth];
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t i = task / blocks, c0 = (task % blocks) * kWidth;
       const int64_t w = std::min(kWidth, d.c - c0);
-      const T* gb = g + i * d.s * d.c + c0;
+      const T* ub = u + i * d.s * d.c + c0;
       const T* xb = x + i * d.s * d.c + c0;
-      const T* m = centre + i * d.c + c0;
+      const T* kb = k + i * d.c + c0;
       std::fill(a_sum, a_sum + w, 0.0);
-      std::fill(p_sum, p_sum + w, 0.0);
+      std::fill(b_sum, b_sum + w, 0.0);
       for (int64_t start = 0; start < d.s; start += kChunk) {
         const int64_t end = std::min(d.s, start + kChunk);
         std::fill(a, a + w, T(0));
         std::fill(b, b + w, T(0));
         for (int64_t r = start; r < end; ++r) {
-          const T* gr = gb + r * d.c;
+          const T* ur = ub + r * d.c;
           const T* xr = xb + r * d.c;
 #pragma omp simd
           for (int64_t j = 0; j < w; ++j) {
-            a[j] += gr[j];
-            b[j] += gr[j] * (xr[j] - m[j]);
+            T da, db;
+            term(ur[j], xr[j], kb[j], da, db);
+            a[j] += da;
+            b[j] += db;
           }
         }
         for (int64_t j = 0; j < w; ++j) {
           a_sum[j] += static_cast<double>(a[j]);
-          p_sum[j] += static_cast<double>(b[j]);
+          b_sum[j] += static_cast<double>(b[j]);
         }
       }
       for (int64_t j = 0; j < w; ++j) {
         sa[i * d.c + c0 + j] = a_sum[j];
-        sp[i * d.c + c0 + j] = p_sum[j];
+        sb[i * d.c + c0 + j] = b_sum[j];
       }
     }
+  });
+}
+
+// Per-(n, c) mean m and biased variance q, in double: sums of d = x − f with f the plane's
+// first value (a shift of the same plane keeps E[d²] − E[d]² precise for a mean far from 0).
+template <typename T>
+void moments(const T* x, const Shape& d, double* m, double* q) {
+  std::vector<T> first(d.n * d.c);
+  for (int64_t i = 0; i < d.n; ++i) {
+    for (int64_t ch = 0; ch < d.c; ++ch) {
+      first[i * d.c + ch] = d.last ? x[i * d.s * d.c + ch] : x[(i * d.c + ch) * d.s];
+    }
+  }
+  std::vector<double> sum(d.n * d.c), sq(d.n * d.c);
+  pair_sums<T>(x, x, first.data(), d, sum.data(), sq.data(),
+               [](T, T v, T f, T& da, T& db) {
+                 da = v - f;
+                 db = da * da;
+               });
+  const double inv_s = 1.0 / static_cast<double>(d.s);
+  for (int64_t p = 0; p < d.n * d.c; ++p) {
+    const double mean_d = sum[p] * inv_s;
+    m[p] = static_cast<double>(first[p]) + mean_d;
+    q[p] = std::max(0.0, sq[p] * inv_s - mean_d * mean_d);
+  }
+}
+
+// Σ g and Σ g · (x − centre) per (n, c), in double; centre (N, C) in T.
+template <typename T>
+void grad_sums(const T* g, const T* x, const Shape& d, const T* centre, double* sa, double* sp) {
+  pair_sums<T>(g, x, centre, d, sa, sp, [](T gv, T xv, T m, T& da, T& db) {
+    da = gv;
+    db = gv * (xv - m);
   });
 }
 
@@ -861,6 +824,19 @@ torch::autograd::variable_list kernel_grads(
 
 optional<Tensor> given(const Tensor& t) { return t.defined() ? optional<Tensor>(t) : std::nullopt; }
 
+// The backward of either operator (both take 14 arguments): with grad mode on, the gradients of
+// `reference()`; else `kernel(needs)`'s five gradients.
+template <typename Reference, typename Kernel>
+torch::autograd::variable_list backward_of(torch::autograd::AutogradContext* ctx,
+                                           const Inputs& in, const Tensor& gy,
+                                           Reference reference, Kernel kernel) {
+  constexpr size_t kArgs = 14;
+  const Needs needs = input_needs(ctx, in);
+  if (!gy.defined()) return torch::autograd::variable_list(kArgs);
+  if (at::GradMode::is_enabled()) return reference_grads(in, needs, gy, kArgs, reference);
+  return kernel_grads(kernel(needs), needs, kArgs);
+}
+
 // BCN's reference composition in differentiable ATen operators (double backward).
 Tensor bcn_reference(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& gw,
                      const Tensor& gb, const Tensor& mean_fixed, const Tensor& var_fixed,
@@ -960,24 +936,20 @@ class BcnFunction : public torch::autograd::Function<BcnFunction> {
     const bool per_channel = ctx->saved_data["per_channel"].toBool();
     const bool estimate = ctx->saved_data["estimate"].toBool();
     const double eps = ctx->saved_data["eps"].toDouble();
-    const Needs needs = input_needs(ctx, in);
-    constexpr size_t kArgs = 14;
-    const Tensor& gy = grads[0];
-    if (!gy.defined()) return torch::autograd::variable_list(kArgs);
-    if (at::GradMode::is_enabled()) {
-      return reference_grads(in, needs, gy, kArgs, [&] {
-        return bcn_reference(x, w, b, gw, gb, mean, var, groups, per_channel, estimate, eps);
-      });
-    }
-    const optional<Tensor> wc = dense(given(w)), bc = dense(given(b)), gwc = dense(given(gw));
-    if (x.scalar_type() == at::kDouble) {
-      return kernel_grads(bcn_backward_impl<double>(gy, x, wc, bc, gwc, m, q, mean, var, groups,
-                                                    per_channel, estimate, eps, needs),
-                          needs, kArgs);
-    }
-    return kernel_grads(bcn_backward_impl<float>(gy, x, wc, bc, gwc, m, q, mean, var, groups,
-                                                 per_channel, estimate, eps, needs),
-                        needs, kArgs);
+    return backward_of(
+        ctx, in, grads[0],
+        [&] {
+          return bcn_reference(x, w, b, gw, gb, mean, var, groups, per_channel, estimate, eps);
+        },
+        [&](const Needs& needs) {
+          const optional<Tensor> wc = dense(given(w)), bc = dense(given(b)), gwc = dense(given(gw));
+          const Tensor& gy = grads[0];
+          return x.scalar_type() == at::kDouble
+                     ? bcn_backward_impl<double>(gy, x, wc, bc, gwc, m, q, mean, var, groups,
+                                                 per_channel, estimate, eps, needs)
+                     : bcn_backward_impl<float>(gy, x, wc, bc, gwc, m, q, mean, var, groups,
+                                                per_channel, estimate, eps, needs);
+        });
   }
 };
 
@@ -1072,18 +1044,12 @@ class CoreFunction : public torch::autograd::Function<CoreFunction> {
     const int64_t domain = ctx->saved_data["domain"].toInt();
     const int64_t groups = ctx->saved_data["groups"].toInt();
     const double eps = ctx->saved_data["eps"].toDouble();
-    const Needs needs = input_needs(ctx, in);
-    constexpr size_t kArgs = 14;
-    const Tensor& gy = grads[0];
-    if (!gy.defined()) return torch::autograd::variable_list(kArgs);
-    if (at::GradMode::is_enabled()) {
-      return reference_grads(in, needs, gy, kArgs, [&] {
-        return reference(x, w, b, dw, db, index, domain, groups, eps);
-      });
-    }
-    return kernel_grads(core_backward(gy, x, given(w), given(b), given(dw), given(index), domain,
-                                      groups, mean, var, eps, needs),
-                        needs, kArgs);
+    return backward_of(
+        ctx, in, grads[0], [&] { return reference(x, w, b, dw, db, index, domain, groups, eps); },
+        [&](const Needs& needs) {
+          return core_backward(grads[0], x, given(w), given(b), given(dw), given(index), domain,
+                               groups, mean, var, eps, needs);
+        });
   }
 };
 
