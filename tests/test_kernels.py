@@ -216,6 +216,19 @@ def test_eval_and_compile_tracing_keep_the_pytorch_path(kernel_calls: list[str])
     assert not kernel_calls
 
 
+def test_bcn_keeps_the_pytorch_path_under_compile_and_vmap(kernel_calls: list[str]) -> None:
+    """The kernels have no fake-tensor or batching rule: traced and vmapped BCN forwards take
+    the reference path (they failed inside the kernel call before)."""
+    layer = nk.BatchChannelNorm2d(4, 2).train()
+    x = torch.randn(3, 4, 5, 5)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    assert compiled(x).shape == x.shape
+    # (untracked: a vmapped training forward cannot update unbatched buffers in place)
+    untracked = nk.BatchChannelNorm2d(4, 2, track_running_stats=False).train()
+    assert torch.func.vmap(untracked)(torch.randn(2, 3, 4, 5, 5)).shape == (2, 3, 4, 5, 5)
+    assert not kernel_calls
+
+
 def test_a_failed_build_raises_and_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     from torch.utils import cpp_extension
 

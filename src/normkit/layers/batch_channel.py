@@ -142,18 +142,18 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
         if self.training and not self.estimate and not syncing:
             check_batch_values(name, input)
         params = (self.weight, self.bias, self.group_weight, self.group_bias)
-        if self.fast and self.training and not syncing and kernels.applies(input):
-            out = self._kernel_forward(input, params)
-            if out is not None:
-                return out
-        if (
+        eager_fast = (
             self.fast
             and self.training
             and not syncing
             and input.numel() > 0
-            and (input.dim() > 2 or input.numel() >= _fused.MOMENT_PATH_MIN_NUMEL)
             and _fused.fast_paths_apply(input)
-        ):
+        )
+        if eager_fast and kernels.applies(input):
+            out = self._kernel_forward(input, params)
+            if out is not None:
+                return out
+        if eager_fast and (input.dim() > 2 or input.numel() >= _fused.MOMENT_PATH_MIN_NUMEL):
             # Moments without a graph; the fused function differentiates through them, with
             # the closed-form backward of _moment_backward.
             m, q, centred = _fused.centred_moments(input)
@@ -171,10 +171,7 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
         """The training forward as one call of normkit's compiled kernel each way
         (:mod:`normkit.kernels`): moments, the batch part's statistics (and the update of the
         running statistics or of the estimates), the fold and the apply; a closed-form
-        backward. None (the PyTorch path runs) for an empty input or buffers in another dtype
-        than the input."""
-        if x.numel() == 0:
-            return None
+        backward. None (the PyTorch path runs) for buffers in another dtype than the input."""
         buffers = (self.running_mean, self.running_var)
         if any(t is not None and t.dtype != x.dtype for t in buffers):
             return None
