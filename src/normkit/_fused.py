@@ -46,7 +46,6 @@ __all__ = [
     "affine3",
     "batch_norm_train",
     "centred_moments",
-    "combined_affine",
     "core_kernel",
     "fast_paths_apply",
     "moment_scale_shift",
@@ -321,27 +320,6 @@ class _NormAffine(torch.autograd.Function):
         return dx, dw, db, None, None, None
 
 
-def combined_affine(
-    domain: int | Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    domain_weight: Tensor | None,
-    domain_bias: Tensor | None,
-) -> tuple[Tensor | None, Tensor | None]:
-    """The shared ``(C,)`` affine followed by the domain's (a row of the ``(K, C)`` tables):
-    ``(C,)`` for an int domain or no domain affine, ``(N, C)`` per sample for an ``(N,)``
-    index; ``(None, None)`` when there is no affine at all."""
-    if domain_weight is None or domain_bias is None:
-        return weight, bias
-    if isinstance(domain, int):
-        g, b = domain_weight[domain], domain_bias[domain]
-    else:
-        g, b = domain_weight.index_select(0, domain), domain_bias.index_select(0, domain)
-    if weight is None or bias is None:
-        return g, b
-    return weight * g, bias * g + b
-
-
 def core_kernel(
     x: Tensor,
     weight: Tensor | None,
@@ -353,11 +331,11 @@ def core_kernel(
     eps: float,
     running: tuple[Tensor | None, Tensor, Tensor, int, float] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`norm_affine` of the combined affine (:func:`combined_affine`), in normkit's
-    compiled kernel: ``(y, mean, var, count)`` with ``(G, C)`` statistics, ``G = groups`` (the
-    statistics of each domain of the ``(N,)`` index ``domain``) or 1 (``groups == 0``, the
-    whole batch). ``x`` contiguous or channels_last float32/float64 on the CPU, every tensor in
-    its dtype.
+    """:func:`norm_affine` of the shared ``(C,)`` affine followed by the domain's (a row of the
+    ``(K, C)`` tables, by ``domain``), in normkit's compiled kernel: ``(y, mean, var, count)``
+    with ``(G, C)`` statistics, ``G = groups`` (the statistics of each domain of the ``(N,)``
+    index ``domain``) or 1 (``groups == 0``, the whole batch). ``x`` contiguous or
+    channels_last float32/float64 on the CPU, every tensor in its dtype.
 
     ``running`` is ``(running_mean, running_var, num_batches_tracked, row, momentum)``: the
     kernel then also folds the statistics into those ``(R, C)`` buffers as

@@ -47,7 +47,6 @@ __all__ = [
     "enable",
     "is_available",
     "is_enabled",
-    "source",
 ]
 
 
@@ -62,11 +61,6 @@ _loaded = False
 _enabled = False
 # The operators, looked up once (``torch.ops`` attribute lookups cost microseconds per call).
 _ops: dict[str, Any] = {}
-
-
-def source() -> Path:
-    """The C++ source of the kernels."""
-    return _SOURCE
 
 
 def _build_name() -> str:
@@ -187,6 +181,12 @@ def applies(x: Tensor) -> bool:
     if x.dim() == 4:
         return x.is_contiguous(memory_format=torch.channels_last)
     return x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def in_dtype(dtype: torch.dtype, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """``tensors`` (None kept) in ``dtype``, cast only where needed: the kernels read every
+    tensor in the input's dtype."""
+    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
 
 
 if os.environ.get("NORMKIT_KERNELS", "") not in ("", "0"):

@@ -1073,10 +1073,6 @@ TORCH_LIBRARY(normkit_kernels, m) {
       "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, int row, float momentum) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "core_backward(Tensor gy, Tensor x, Tensor? weight, Tensor? bias, Tensor? dweight, "
-      "Tensor? index, int domain, int groups, Tensor mean, Tensor var, float eps, bool[5] mask)"
-      " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def(
       "bcn_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? group_weight, "
       "Tensor? group_bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "Tensor(c!)? num_batches_tracked, int groups, bool per_channel, bool estimate, float eps, "
@@ -1085,7 +1081,6 @@ TORCH_LIBRARY(normkit_kernels, m) {
 
 TORCH_LIBRARY_IMPL(normkit_kernels, CPU, m) {
   m.impl("core_forward", &core_forward);
-  m.impl("core_backward", &core_backward);
   m.impl("bcn_forward", &bcn_forward);
 }
 

@@ -175,18 +175,12 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
         buffers = (self.running_mean, self.running_var)
         if any(t is not None and t.dtype != x.dtype for t in buffers):
             return None
-        w, b, gw, gb = (None if p is None else p if p.dtype == x.dtype else p.to(x.dtype)
-                        for p in params)  # fmt: skip
-        tracked = self.running_var is not None
         y, *_ = kernels.op("bcn_forward")(
             x,
-            w,
-            b,
-            gw,
-            gb,
+            *kernels.in_dtype(x.dtype, *params),
             self.running_mean,
             self.running_var,
-            self.num_batches_tracked if tracked else None,
+            self.num_batches_tracked,
             self.num_groups,
             self.group_affine == "per_channel",
             self.estimate,

@@ -30,7 +30,6 @@ from normkit._checks import (
 )
 from normkit._fused import (
     batch_norm_train,
-    combined_affine,
     core_kernel,
     fast_paths_apply,
     moment_scale_shift,
@@ -308,32 +307,24 @@ class _BatchNormCore(Synchronized, _BatchNorm):
     ) -> Tensor:
         """:meth:`_fast_norm_affine` as one call of the compiled kernel each way
         (:func:`normkit._fused.core_kernel`), the affines passed as they are."""
-        w, b, dw, db = params
         dtype = x.dtype
-        if w is not None and w.dtype != dtype:
-            w, b = w.to(dtype), None if b is None else b.to(dtype)
-        if dw is not None and dw.dtype != dtype:
-            dw, db = dw.to(dtype), None if db is None else db.to(dtype)
+        w, b, dw, db = kernels.in_dtype(dtype, *params)
         per_sample = self.split_stats and isinstance(domain, Tensor)
         groups = self.num_domains if per_sample else 0
-        running_mean, running_var = self.running_mean, self.running_var
-        counts = self.num_batches_tracked
-        track = self.training and running_var is not None
+        rm, rv, counts = self.running_mean, self.running_var, self.num_batches_tracked
         running = None
-        if (
-            track
-            and running_var is not None
-            and counts is not None
-            and running_var.dtype == dtype
-            and (running_mean is None or running_mean.dtype == dtype)
-        ):
-            # The kernel updates the buffers in the same call: one row of statistics per
-            # domain, or the whole batch's for (C,) buffers or for one domain's row.
-            row = domain if self.split_stats and isinstance(domain, int) else -1
-            momentum = -1.0 if self.momentum is None else self.momentum
-            running = (running_mean, running_var, counts, row, momentum)
+        other_dtype = False
+        if self.training and rm is not None and rv is not None and counts is not None:
+            # The kernel updates the buffers in the same call (one row of statistics per
+            # domain, or the whole batch's for (C,) buffers or for one domain's row) when they
+            # share the input's dtype; others take the PyTorch update below.
+            other_dtype = rm.dtype != dtype or rv.dtype != dtype
+            if not other_dtype:
+                row = domain if self.split_stats and isinstance(domain, int) else -1
+                momentum = -1.0 if self.momentum is None else self.momentum
+                running = (rm, rv, counts, row, momentum)
         y, mean, var, count = core_kernel(x, w, b, dw, db, domain, groups, self.eps, running)
-        if track and running is None:  # buffers in another dtype than the input
+        if other_dtype:
             if per_sample:
                 spatial = x.numel() // (x.shape[0] * x.shape[1])
                 self._update_running(mean, var, count * spatial)
@@ -357,7 +348,15 @@ class _BatchNormCore(Synchronized, _BatchNorm):
     ) -> tuple[Tensor | None, Tensor | None]:
         """The shared affine followed by the domain's: ``(C,)`` for an int domain or no domain
         affine, ``(N, C)`` per sample; ``(None, None)`` when there is no affine at all."""
-        return combined_affine(domain, weight, bias, domain_weight, domain_bias)
+        if domain_weight is None or domain_bias is None:
+            return weight, bias
+        if isinstance(domain, int):
+            g, b = domain_weight[domain], domain_bias[domain]
+        else:
+            g, b = domain_weight.index_select(0, domain), domain_bias.index_select(0, domain)
+        if weight is None or bias is None:
+            return g, b
+        return weight * g, bias * g + b
 
     def _fold(
         self, mean: Tensor, var: Tensor, domain: DomainIndex, *params: Tensor | None
