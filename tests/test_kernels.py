@@ -37,9 +37,10 @@ RECORDS = [r for r in [*LAYERS, *EXTRA] if issubclass(r.cls, (_BatchNormCore, _B
 @pytest.fixture
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """The kernels on for one test (off again afterwards); the list counts the layers' calls of
-    the kernels (BCN's only where its kernel path ran)."""
+    the kernels (the core's usual call and BCN's only where they ran)."""
     kernels.enable()
     calls = count_calls(monkeypatch, core, "core_kernel")
+    count_calls(monkeypatch, _BatchNormCore, "_kernel_call", calls, when=lambda y: y is not None)
     count_calls(
         monkeypatch, _BatchChannelNorm, "_kernel_forward", calls, when=lambda y: y is not None
     )
@@ -283,11 +284,11 @@ def test_bcn_kernel_gradcheck_and_gradgradcheck(
         rm, rv = running[0].clone(), running[1].clone()
         count = torch.zeros((), dtype=torch.long)
         gw, gb = group if group else (None, None)
-        out = torch.ops.normkit_kernels.bcn_forward(
+        out: Tensor = torch.ops.normkit_kernels.bcn_forward(
             x, w, b, gw, gb, rm, rv, count, 2, group_affine == "per_channel", estimate,
             1e-5, 0.0 if estimate else 0.3, 0.1,
         )  # fmt: skip
-        return out[0]
+        return out
 
     inputs = (x, w, b) + ((gw, gb) if group_affine else ())
     assert gradcheck(fn, inputs)
@@ -361,3 +362,101 @@ def test_the_environment_variable_enables_them_at_import() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"
+
+
+def test_the_usual_call_is_one_kernel_call_and_the_rest_the_full_path(
+    monkeypatch: pytest.MonkeyPatch, kernel_calls: list[str]
+) -> None:
+    """Parameters, buffers and a CPU LongTensor index in the input's dtype take the layer's
+    short route (``core_train``); an int32 index or a float64 input to a float32 layer goes
+    through the full path (its checks and casts), into the kernel too."""
+    full = count_calls(monkeypatch, core, "core_kernel")
+    layer = nk.SandwichBatchNorm2d(3, 2, split_stats=True).train()
+    x = torch.randn(4, 3, 2, 2)
+    domain = torch.tensor([0, 1, 1, 0])
+    layer(x, domain)
+    layer(x, 1)
+    assert kernel_calls.count("_kernel_call") == 2 and not full
+    reference = layer(x, domain.int())
+    assert len(full) == 1
+    layer(x.double(), domain)
+    assert len(full) == 2 and kernel_calls.count("_kernel_call") == 2
+    assert reference.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad", [[0, 2, 1, 0], [0, -1, 1, 0]])
+@pytest.mark.parametrize("split", [False, True])
+def test_an_index_out_of_range_gets_the_named_error_and_changes_nothing(
+    bad: list[int], split: bool, kernel_calls: list[str]
+) -> None:
+    """The kernel checks the index values before any buffer changes; the layer names the
+    error as its full path does."""
+    layer = nk.SandwichBatchNorm2d(3, 2, split_stats=split).train()
+    before = copy.deepcopy(layer.state_dict())
+    message = r"SandwichBatchNorm2d: expected domain indices in \[0, 2\)"
+    with pytest.raises(ValueError, match=message):
+        layer(torch.randn(4, 3, 2, 2), torch.tensor(bad))
+    for name, value in layer.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    with pytest.raises(ValueError, match="expected a domain index in"):
+        layer(torch.randn(4, 3, 2, 2), 2)
+
+
+def test_a_parametrized_weight_takes_the_full_path(kernel_calls: list[str]) -> None:
+    """A parametrized affine is not in the module's parameter dictionary: the short route
+    steps aside and the full path computes with the parametrized value."""
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w: Tensor) -> Tensor:
+            return 2 * w
+
+    layer = nk.SandwichBatchNorm2d(3, 2).to(F64).train()
+    plain = copy.deepcopy(layer)
+    with torch.no_grad():
+        plain.weight.mul_(2)
+    parametrize.register_parametrization(layer, "weight", Double())
+    x, domain = torch.randn(4, 3, 2, 2, dtype=F64), torch.tensor([0, 1, 1, 0])
+    torch.testing.assert_close(layer(x, domain), plain(x, domain), rtol=1e-10, atol=1e-10)
+    assert "_kernel_call" in kernel_calls  # plain
+    assert kernel_calls.count("core_kernel") == 1  # parametrized: the full path's kernel call
+
+
+def test_a_misshapen_affine_is_refused_not_read_out_of_bounds(kernel_calls: list[str]) -> None:
+    layer = nk.SandwichBatchNorm2d(3, 2).train()
+    layer.weight = torch.nn.Parameter(torch.ones(2))
+    before = layer.running_mean.clone()
+    with pytest.raises(RuntimeError, match="shared affine of C values"):
+        layer(torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 1, 0]))
+    assert torch.equal(layer.running_mean, before)
+    layer.domain_weight = torch.nn.Parameter(torch.ones(2, 2))
+    layer.weight = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(RuntimeError, match=r"per-domain affines of shape \(K, C\)"):
+        layer(torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 1, 0]))
+
+
+def test_bcn_refuses_misshapen_affines_and_leaves_parametrized_ones_to_the_full_path(
+    kernel_calls: list[str],
+) -> None:
+    from torch.nn.utils import parametrize
+
+    layer = nk.BatchChannelNorm2d(4, 2).train()
+    layer.group_weight = torch.nn.Parameter(torch.ones(4))  # per group: 2 values
+    layer.group_bias = torch.nn.Parameter(torch.zeros(4))
+    before = layer.running_mean.clone()
+    with pytest.raises(RuntimeError, match="group affine of G"):
+        layer(torch.randn(3, 4, 2, 2))
+    assert torch.equal(layer.running_mean, before)
+
+    class Double(torch.nn.Module):
+        def forward(self, w: Tensor) -> Tensor:
+            return 2 * w
+
+    layer = nk.BatchChannelNorm2d(4, 2).to(F64).train()
+    plain = copy.deepcopy(layer)
+    with torch.no_grad():
+        plain.group_weight.mul_(2)
+    parametrize.register_parametrization(layer, "group_weight", Double())
+    x = torch.randn(3, 4, 2, 2, dtype=F64)
+    torch.testing.assert_close(layer(x), plain(x), rtol=1e-10, atol=1e-10)
+    assert kernel_calls.count("_kernel_forward") == 2  # the parametrized one via the full path

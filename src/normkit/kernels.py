@@ -55,7 +55,7 @@ class KernelBuildError(RuntimeError):
 
 
 _SOURCE = Path(__file__).parent / "csrc" / "core.cpp"
-_FLAGS = ["-O3", "-fopenmp", "-march=native"]
+_FLAGS = ["-O3", "-fopenmp", "-march=native", "-fno-math-errno"]
 
 _loaded = False
 _enabled = False
@@ -127,7 +127,7 @@ def build(verbose: bool = False) -> None:
 
 def _remember_ops() -> None:
     namespace = torch.ops.normkit_kernels
-    for name in ("core_forward", "bcn_forward"):
+    for name in ("core_forward", "core_train", "bcn_forward"):
         _ops[name] = getattr(namespace, name).default
 
 

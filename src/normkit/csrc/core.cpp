@@ -26,6 +26,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -377,12 +378,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(
       inv[g * c + ch] += (q[i * c + ch] + e * e) * static_cast<double>(s);
     }
   }
-  for (int64_t j = 0; j < ng * c; ++j) {
-    const int64_t g = j / c;
-    mp[j] = static_cast<T>(gm[j]);
-    vp[j] = static_cast<T>(inv[j] * cnt.inv_values[g]);
-    gm[j] = static_cast<double>(mp[j]);
-    inv[j] = static_cast<double>(vp[j]) + eps;
+  for (int64_t g = 0; g < ng; ++g) {
+    const double inv_values = cnt.inv_values[g];
+    for (int64_t j = g * c; j < (g + 1) * c; ++j) {
+      mp[j] = static_cast<T>(gm[j]);
+      vp[j] = static_cast<T>(inv[j] * inv_values);
+      gm[j] = static_cast<double>(mp[j]);
+      inv[j] = static_cast<double>(vp[j]) + eps;
+    }
   }
   for (int64_t j = 0; j < ng * c; ++j) inv[j] = 1.0 / std::sqrt(inv[j]);
   // The running statistics, from the rounded statistics as the PyTorch path updates them.
@@ -496,12 +499,50 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
   return {dx, t_gw, t_gb, t_gdw, t_gdb};
 }
 
+// The shapes of the affines and the values of the index, checked before anything is read or any
+// buffer changes: the layers call the kernel without Python checks of their own on these
+// (normkit.layers.core._BatchNormCore._kernel_call), and turn a failure here into their named
+// error.
+void check_core_args(const Tensor& x, const optional<Tensor>& weight,
+                     const optional<Tensor>& bias, const optional<Tensor>& dweight,
+                     const optional<Tensor>& dbias, const optional<Tensor>& index, int64_t domain,
+                     int64_t groups) {
+  TORCH_CHECK(x.dim() >= 2, "normkit core kernel: an (N, C, ...) input");
+  const int64_t c = x.size(1);
+  TORCH_CHECK(weight.has_value() == bias.has_value() && dweight.has_value() == dbias.has_value(),
+              "normkit core kernel: affines in pairs");
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->numel() == c && bias->numel() == c,
+                "normkit core kernel: a shared affine of C values");
+  }
+  int64_t limit = groups > 0 ? groups : std::numeric_limits<int64_t>::max();
+  if (dweight.has_value()) {
+    TORCH_CHECK(dweight->dim() == 2 && dweight->size(1) == c && dbias->sizes() == dweight->sizes(),
+                "normkit core kernel: per-domain affines of shape (K, C)");
+    limit = std::min(limit, dweight->size(0));
+  }
+  if (!index.has_value()) {
+    TORCH_CHECK(!dweight.has_value() || (domain >= 0 && domain < limit),
+                "normkit core kernel: domain out of range");
+    return;
+  }
+  TORCH_CHECK(index->scalar_type() == at::kLong && index->dim() == 1 &&
+                  index->size(0) == x.size(0) && index->device().is_cpu(),
+              "normkit core kernel: an index of shape (N,), int64, on the CPU");
+  const Tensor dense_index = index->contiguous();
+  const int64_t* v = dense_index.data_ptr<int64_t>();
+  for (int64_t i = 0; i < dense_index.numel(); ++i) {
+    TORCH_CHECK(v[i] >= 0 && v[i] < limit, "normkit core kernel: index value out of range");
+  }
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> core_forward(
     const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
     const optional<Tensor>& dweight, const optional<Tensor>& dbias, const optional<Tensor>& index,
     int64_t domain, int64_t groups, double eps, const optional<Tensor>& running_mean,
     const optional<Tensor>& running_var, const optional<Tensor>& num_batches_tracked, int64_t row,
     double momentum) {
+  check_core_args(x, weight, bias, dweight, dbias, index, domain, groups);
   if (x.scalar_type() == at::kDouble) {
     return forward_impl<double>(x, dense(weight), dense(bias), dense(dweight), dense(dbias),
                                 dense(index), domain, groups, eps, running_mean, running_var,
@@ -889,6 +930,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bcn_forward(
                   "normkit bcn kernel: running buffers of C values in the input's dtype");
     }
   }
+  // The affines' sizes (the layer calls the kernel without Python checks of its own on them).
+  TORCH_CHECK(weight.has_value() == bias.has_value() && gweight.has_value() == gbias.has_value(),
+              "normkit bcn kernel: affines in pairs");
+  TORCH_CHECK(!weight.has_value() || (weight->numel() == c && bias->numel() == c),
+              "normkit bcn kernel: a batch affine of C values");
+  TORCH_CHECK(!gweight.has_value() || (gweight->numel() == (per_channel ? c : groups) &&
+                                       gbias->numel() == gweight->numel()),
+              "normkit bcn kernel: a group affine of G (per group) or C (per channel) values");
   if (x.scalar_type() == at::kDouble) {
     return bcn_forward_impl<double>(x, dense(weight), dense(bias), dense(gweight), dense(gbias),
                                     running_mean, running_var, num_batches_tracked, groups,
@@ -920,10 +969,7 @@ class BcnFunction : public torch::autograd::Function<BcnFunction> {
     ctx->saved_data["per_channel"] = per_channel;
     ctx->saved_data["estimate"] = estimate;
     ctx->saved_data["eps"] = eps;
-    ctx->mark_non_differentiable(
-        {std::get<1>(out), std::get<2>(out), std::get<3>(out), std::get<4>(out)});
-    return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out),
-            std::get<4>(out)};
+    return {std::get<0>(out)};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -953,16 +999,30 @@ class BcnFunction : public torch::autograd::Function<BcnFunction> {
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bcn_forward_autograd(
-    const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
-    const optional<Tensor>& gweight, const optional<Tensor>& gbias,
-    const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
-    const optional<Tensor>& num_batches_tracked, int64_t groups, bool per_channel,
-    bool estimate, double eps, double rate, double momentum) {
-  auto out = BcnFunction::apply(x, weight, bias, gweight, gbias, running_mean, running_var,
-                                num_batches_tracked, groups, per_channel, estimate, eps, rate,
-                                momentum);
-  return {out[0], out[1], out[2], out[3], out[4]};
+Tensor bcn_forward_autograd(const Tensor& x, const optional<Tensor>& weight,
+                            const optional<Tensor>& bias, const optional<Tensor>& gweight,
+                            const optional<Tensor>& gbias, const optional<Tensor>& running_mean,
+                            const optional<Tensor>& running_var,
+                            const optional<Tensor>& num_batches_tracked, int64_t groups,
+                            bool per_channel, bool estimate, double eps, double rate,
+                            double momentum) {
+  return BcnFunction::apply(x, weight, bias, gweight, gbias, running_mean, running_var,
+                            num_batches_tracked, groups, per_channel, estimate, eps, rate,
+                            momentum)[0];
+}
+
+// The operator's CPU kernel (without autograd): the output; the statistics are kept only for
+// the autograd node's backward.
+Tensor bcn_forward_output(const Tensor& x, const optional<Tensor>& weight,
+                          const optional<Tensor>& bias, const optional<Tensor>& gweight,
+                          const optional<Tensor>& gbias, const optional<Tensor>& running_mean,
+                          const optional<Tensor>& running_var,
+                          const optional<Tensor>& num_batches_tracked, int64_t groups,
+                          bool per_channel, bool estimate, double eps, double rate,
+                          double momentum) {
+  return std::get<0>(bcn_forward(x, weight, bias, gweight, gbias, running_mean, running_var,
+                                 num_batches_tracked, groups, per_channel, estimate, eps, rate,
+                                 momentum));
 }
 
 // The reference composition in differentiable ATen operators: batch (or per-group) statistics,
@@ -1009,10 +1069,12 @@ Tensor reference(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor
   return x * scale.reshape(bshape) + shift.reshape(bshape);
 }
 
-// The autograd node of core_forward: one kernel call each way; with create_graph (grad mode on
-// in backward), the gradients of the reference composition instead, so that they can be
-// differentiated again.
-class CoreFunction : public torch::autograd::Function<CoreFunction> {
+// The autograd node of core_forward (kStats: y and the statistics) and of core_train (y only,
+// the statistics kept for backward alone: the layers' usual call, with fewer outputs to wrap):
+// one kernel call each way; with create_graph (grad mode on in backward), the gradients of the
+// reference composition instead, so that they can be differentiated again.
+template <bool kStats>
+class CoreFunction : public torch::autograd::Function<CoreFunction<kStats>> {
  public:
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx, const Tensor& x, const optional<Tensor>& weight,
@@ -1022,17 +1084,22 @@ class CoreFunction : public torch::autograd::Function<CoreFunction> {
       const optional<Tensor>& running_var, const optional<Tensor>& num_batches_tracked,
       int64_t row, double momentum) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto out = core_forward(x, weight, bias, dweight, dbias, index, domain, groups, eps,
-                            running_mean, running_var, num_batches_tracked, row, momentum);
+    auto [y, mean, var, count] =
+        core_forward(x, weight, bias, dweight, dbias, index, domain, groups, eps, running_mean,
+                     running_var, num_batches_tracked, row, momentum);
     const Tensor none;
     ctx->save_for_backward({x, weight.value_or(none), bias.value_or(none),
                             dweight.value_or(none), dbias.value_or(none), index.value_or(none),
-                            std::get<1>(out), std::get<2>(out)});
+                            mean, var});
     ctx->saved_data["domain"] = domain;
     ctx->saved_data["groups"] = groups;
     ctx->saved_data["eps"] = eps;
-    ctx->mark_non_differentiable({std::get<1>(out), std::get<2>(out), std::get<3>(out)});
-    return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out)};
+    if constexpr (kStats) {
+      ctx->mark_non_differentiable({mean, var, count});
+      return {y, mean, var, count};
+    } else {
+      return {y};
+    }
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -1059,9 +1126,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> core_forward_autograd(
     int64_t domain, int64_t groups, double eps, const optional<Tensor>& running_mean,
     const optional<Tensor>& running_var, const optional<Tensor>& num_batches_tracked, int64_t row,
     double momentum) {
-  auto out = CoreFunction::apply(x, weight, bias, dweight, dbias, index, domain, groups, eps,
-                                 running_mean, running_var, num_batches_tracked, row, momentum);
+  auto out = CoreFunction<true>::apply(x, weight, bias, dweight, dbias, index, domain, groups,
+                                       eps, running_mean, running_var, num_batches_tracked, row,
+                                       momentum);
   return {out[0], out[1], out[2], out[3]};
+}
+
+Tensor core_train(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
+                  const optional<Tensor>& dweight, const optional<Tensor>& dbias,
+                  const optional<Tensor>& index, int64_t domain, int64_t groups, double eps,
+                  const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
+                  const optional<Tensor>& num_batches_tracked, int64_t row, double momentum) {
+  return std::get<0>(core_forward(x, weight, bias, dweight, dbias, index, domain, groups, eps,
+                                  running_mean, running_var, num_batches_tracked, row, momentum));
+}
+
+Tensor core_train_autograd(const Tensor& x, const optional<Tensor>& weight,
+                           const optional<Tensor>& bias, const optional<Tensor>& dweight,
+                           const optional<Tensor>& dbias, const optional<Tensor>& index,
+                           int64_t domain, int64_t groups, double eps,
+                           const optional<Tensor>& running_mean,
+                           const optional<Tensor>& running_var,
+                           const optional<Tensor>& num_batches_tracked, int64_t row,
+                           double momentum) {
+  return CoreFunction<false>::apply(x, weight, bias, dweight, dbias, index, domain, groups, eps,
+                                    running_mean, running_var, num_batches_tracked, row,
+                                    momentum)[0];
 }
 
 }  // namespace
@@ -1073,18 +1163,25 @@ TORCH_LIBRARY(normkit_kernels, m) {
       "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, int row, float momentum) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
+      "core_train(Tensor x, Tensor? weight, Tensor? bias, Tensor? dweight, Tensor? dbias, "
+      "Tensor? index, int domain, int groups, float eps, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, int row, float momentum) "
+      "-> Tensor");
+  m.def(
       "bcn_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? group_weight, "
       "Tensor? group_bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "Tensor(c!)? num_batches_tracked, int groups, bool per_channel, bool estimate, float eps, "
-      "float rate, float momentum) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float rate, float momentum) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(normkit_kernels, CPU, m) {
   m.impl("core_forward", &core_forward);
-  m.impl("bcn_forward", &bcn_forward);
+  m.impl("core_train", &core_train);
+  m.impl("bcn_forward", &bcn_forward_output);
 }
 
 TORCH_LIBRARY_IMPL(normkit_kernels, Autograd, m) {
   m.impl("core_forward", &core_forward_autograd);
+  m.impl("core_train", &core_train_autograd);
   m.impl("bcn_forward", &bcn_forward_autograd);
 }

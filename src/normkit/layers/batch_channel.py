@@ -129,6 +129,10 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
         return s
 
     def forward(self, input: Tensor) -> Tensor:
+        if kernels.is_enabled():
+            out = self._kernel_call(input)
+            if out is not None:
+                return out
         name = type(self).__name__
         check_input(name, input, self._ranks, self.num_features)
         syncing = self._syncing()
@@ -167,20 +171,47 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
         scale, shift = self._fold(m, q, mean, var, *params)
         return F.apply_scale_shift(input, scale, shift)
 
+    def _kernel_call(self, x: Tensor) -> Tensor | None:
+        """The usual training forward with the kernels on, as one kernel call with only the
+        checks the kernel does not make itself (as the batch-norm core's ``_kernel_call``);
+        None for anything else, which :meth:`forward`'s full path handles: eval, synchronized
+        statistics, tracing, a rank or channel count the layer refuses, a single value per
+        channel in the batch mode, parameters in another dtype than the input (cast there), a
+        parametrized parameter (absent from the module's dictionary)."""
+        if not (self.training and self.fast and type(x) is Tensor and kernels.applies(x)):
+            return None
+        if (
+            x.dim() not in self._ranks
+            or x.shape[1] != self.num_features
+            or x.numel() <= (0 if self.estimate else x.shape[1])
+            or self._syncing()
+            or not _fused.fast_paths_apply(x)
+        ):
+            return None
+        try:
+            p = self._parameters
+            params = (p["weight"], p["bias"], p["group_weight"], p["group_bias"])
+        except KeyError:
+            return None
+        if any(t is not None and t.dtype != x.dtype for t in params):
+            return None
+        return self._kernel_forward(x, params)
+
     def _kernel_forward(self, x: Tensor, params: tuple[Tensor | None, ...]) -> Tensor | None:
         """The training forward as one call of normkit's compiled kernel each way
         (:mod:`normkit.kernels`): moments, the batch part's statistics (and the update of the
         running statistics or of the estimates), the fold and the apply; a closed-form
         backward. None (the PyTorch path runs) for buffers in another dtype than the input."""
-        buffers = (self.running_mean, self.running_var)
-        if any(t is not None and t.dtype != x.dtype for t in buffers):
+        b = self._buffers  # (not parametrizable: the lookup of nn.Module's attributes costs more)
+        rm, rv = b["running_mean"], b["running_var"]
+        if any(t is not None and t.dtype != x.dtype for t in (rm, rv)):
             return None
-        y, *_ = kernels.op("bcn_forward")(
+        y: Tensor = kernels.op("bcn_forward")(
             x,
             *kernels.in_dtype(x.dtype, *params),
-            self.running_mean,
-            self.running_var,
-            self.num_batches_tracked,
+            rm,
+            rv,
+            b["num_batches_tracked"],
             self.num_groups,
             self.group_affine == "per_channel",
             self.estimate,

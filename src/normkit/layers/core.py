@@ -210,6 +210,10 @@ class _BatchNormCore(Synchronized, _BatchNorm):
         return self.split_stats or self.domain_weight is not None
 
     def forward(self, input: Tensor, domain: DomainIndex | None = None) -> Tensor:
+        if kernels.is_enabled():
+            out = self._kernel_call(input, domain)
+            if out is not None:
+                return out
         name = type(self).__name__
         check_input(name, input, self._ranks, self.num_features)
         if self._needs_domain:
@@ -253,6 +257,70 @@ class _BatchNormCore(Synchronized, _BatchNorm):
             mean, var = self._shared_statistics(input, use_batch, syncing)
         scale, shift = self._fold(mean, var, domain, *params)
         return F.apply_scale_shift(input, scale, shift)
+
+    def _kernel_call(self, x: Tensor, domain: DomainIndex | None) -> Tensor | None:
+        """The usual training forward with the kernels on, as one call of the compiled kernel
+        (``core_train``: the output only; the running statistics updated inside) and only the
+        checks the kernel does not make itself; None for anything else, which :meth:`forward`'s
+        full path then handles (and names any error of): eval, synchronized statistics,
+        tracing, a rank or channel count the layer refuses, a single value per channel,
+        parameters or buffers in another dtype than the input, an index that is not a CPU
+        LongTensor. The kernel checks the index values and the affine shapes before anything
+        changes; a failure there gets the layer's named error from :func:`check_index`.
+
+        Parameters and buffers are read from the module's dictionaries (``nn.Module``'s
+        attribute lookup costs more per call than a small kernel); a parametrized one is
+        absent there, and the full path runs.
+        """
+        if not (self.training and self.fast and type(x) is Tensor and kernels.applies(x)):
+            return None
+        if (
+            x.dim() not in self._ranks
+            or x.shape[1] != self.num_features
+            or x.numel() <= x.shape[1]
+            or self._syncing()
+            or not fast_paths_apply(x)
+        ):
+            return None
+        try:
+            p, b = self._parameters, self._buffers
+            w, bias, dw, db = p["weight"], p["bias"], p["domain_weight"], p["domain_bias"]
+            rm, rv, counts = b["running_mean"], b["running_var"], b["num_batches_tracked"]
+        except KeyError:
+            return None
+        dtype = x.dtype
+        if any(t is not None and t.dtype != dtype for t in (w, bias, dw, db, rm, rv)):
+            return None
+        index, dom, groups, row = None, 0, 0, -1
+        if self.split_stats or dw is not None:
+            if domain is None:
+                domain = self.context_domain
+            if type(domain) is int:
+                if not 0 <= domain < self.num_domains:
+                    return None
+                dom = domain
+                row = domain if self.split_stats else -1
+            elif (
+                type(domain) is Tensor
+                and domain.dtype == torch.long
+                and domain.device.type == "cpu"
+            ):
+                index = domain
+                groups = self.num_domains if self.split_stats else 0
+            else:
+                return None
+        if rm is None or rv is None or counts is None:
+            rm = rv = counts = None
+        momentum = -1.0 if self.momentum is None else self.momentum
+        try:
+            out: Tensor = kernels.op("core_train")(
+                x, w, bias, dw, db, index, dom, groups, self.eps, rm, rv, counts, row, momentum
+            )
+        except RuntimeError:
+            if index is not None:
+                check_index(type(self).__name__, index, self.num_domains, x.shape[0], x.device)
+            raise
+        return out
 
     def _fast(
         self, x: Tensor, domain: DomainIndex, params: tuple[Tensor | None, ...]

@@ -166,6 +166,11 @@ class _BatchRenorm(_BatchNormCore):
             weight, bias = self._renorm_affine(mean, var, weight, bias, reference)
         return super()._fold(mean, var, domain, weight, bias, domain_weight, domain_bias)
 
+    def _kernel_call(self, x: Tensor, domain: DomainIndex | None) -> Tensor | None:
+        """None: in training r and d are active, and the full path decides (see
+        :meth:`_takes_kernel`)."""
+        return None
+
     def _takes_kernel(self, params: tuple[Tensor | None, ...]) -> bool:
         """Not while r and d are active: they depend on the batch statistics, which the kernel
         computes inside."""
