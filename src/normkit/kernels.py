@@ -169,18 +169,29 @@ def is_available(verbose: bool = False) -> bool:
 def applies(x: Tensor) -> bool:
     """Whether an enabled kernel takes the training forward of ``x``: a float32 or float64 CPU
     tensor of rank 3 to 5, contiguous or channels_last (the caller has checked the rest)."""
-    if not (
-        _enabled
-        and x.device.type == "cpu"
-        and 2 < x.dim() < 6
-        and (x.dtype == torch.float32 or x.dtype == torch.float64)
-    ):
+    # (runs on every training forward with the kernels on: the cheapest tests first, no device
+    # object built)
+    if not _enabled or not x.is_cpu:
+        return False
+    dtype, rank = x.dtype, x.dim()
+    if not (2 < rank < 6 and (dtype is torch.float32 or dtype is torch.float64)):
         return False
     if x.is_contiguous():
         return True
-    if x.dim() == 4:
+    if rank == 4:
         return x.is_contiguous(memory_format=torch.channels_last)
-    return x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
+    return rank == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def in_dtype_already(dtype: torch.dtype, *tensors: Tensor | None) -> bool:
+    """Whether every tensor given (None skipped) is in ``dtype``: then the kernels read them
+    as they are."""
+    # A loop, not all() over a generator: this runs on every forward, and the generator costs
+    # about a microsecond more.
+    for t in tensors:  # noqa: SIM110
+        if t is not None and t.dtype is not dtype:
+            return False
+    return True
 
 
 def in_dtype(dtype: torch.dtype, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:

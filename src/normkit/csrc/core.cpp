@@ -734,8 +734,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bcn_backward_impl(
               gm, t, scale, shift);
   std::vector<double> sa(n * c), sp(n * c);  // Σ g and Σ g (x − m) per plane
   grad_sums<T>(gy.data_ptr<T>(), x.data_ptr<T>(), d, mp, sa.data(), sp.data());
-  auto gwv = [&](int64_t j) {
-    return gw ? static_cast<double>(gw[per_channel ? j : j / per]) : 1.0;
+  // The group affine's scale of channel j in group g.
+  auto gwv = [&](int64_t j, int64_t g) {
+    return gw ? static_cast<double>(gw[per_channel ? j : g]) : 1.0;
   };
   const int64_t gsize = per_channel ? c : groups;
   std::vector<double> dgw(gsize, 0.0), dgb(gsize, 0.0);
@@ -751,15 +752,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bcn_backward_impl(
         const double xh = tg * (a[j] * sp[p] + e * sa[p]);  // Σ g · x̂1
         dgw[per_channel ? j : g] += xh;
         dgb[per_channel ? j : g] += sa[p];
-        h1 += gwv(j) * sa[p];
-        h2 += gwv(j) * xh;
+        h1 += gwv(j, g) * sa[p];
+        h2 += gwv(j, g) * xh;
       }
       h1 *= k;
       const double t2h2 = h2 * k * tg * tg;
       for (int64_t j = g * per; j < (g + 1) * per; ++j) {
         const int64_t p = i * c + j;
         const double e = a[j] * static_cast<double>(mp[p]) + bb[j] - gm[i * groups + g];
-        alpha[p] = tg * gwv(j);  // dx1 = alpha g + beta (x − m) + gamma
+        alpha[p] = tg * gwv(j, g);  // dx1 = alpha g + beta (x − m) + gamma
         beta[p] = -t2h2 * a[j];
         gamma[p] = -tg * h1 - t2h2 * e;
         // Σ_s dx1 and Σ_s dx1 (x − μ) of the plane.
@@ -794,10 +795,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bcn_backward_impl(
     // dx = a dx1 with fixed statistics; with batch statistics, the batch-norm backward through
     // μ and σ² of the batch.
     const double inv_m = estimate ? 0.0 : 1.0 / static_cast<double>(n * s);
+    std::vector<double> d2v(c), dcv(c);  // per channel, out of the (n, c) loop
+    for (int64_t j = 0; j < c; ++j) {
+      d2v[j] = t2[j] / (var[j] + eps) * inv_m;
+      dcv[j] = t1[j] * inv_m;
+    }
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t j = 0; j < c; ++j) {
         const int64_t p = i * c + j;
-        const double d2 = t2[j] / (var[j] + eps) * inv_m, dc = t1[j] * inv_m;
+        const double d2 = d2v[j], dc = dcv[j];
         const double mv = static_cast<double>(mp[p]);
         const double be = a[j] * (beta[p] - d2);
         const double g0 = a[j] * (gamma[p] - dc - d2 * (mv - mean[j]));

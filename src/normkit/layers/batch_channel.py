@@ -176,8 +176,8 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
         checks the kernel does not make itself (as the batch-norm core's ``_kernel_call``);
         None for anything else, which :meth:`forward`'s full path handles: eval, synchronized
         statistics, tracing, a rank or channel count the layer refuses, a single value per
-        channel in the batch mode, parameters in another dtype than the input (cast there), a
-        parametrized parameter (absent from the module's dictionary)."""
+        channel in the batch mode, a parametrized parameter (absent from the module's
+        dictionary). Parameters in another dtype than the input are cast for the call."""
         if not (self.training and self.fast and type(x) is Tensor and kernels.applies(x)):
             return None
         if (
@@ -193,8 +193,6 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
             params = (p["weight"], p["bias"], p["group_weight"], p["group_bias"])
         except KeyError:
             return None
-        if any(t is not None and t.dtype != x.dtype for t in params):
-            return None
         return self._kernel_forward(x, params)
 
     def _kernel_forward(self, x: Tensor, params: tuple[Tensor | None, ...]) -> Tensor | None:
@@ -204,11 +202,13 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
         backward. None (the PyTorch path runs) for buffers in another dtype than the input."""
         b = self._buffers  # (not parametrizable: the lookup of nn.Module's attributes costs more)
         rm, rv = b["running_mean"], b["running_var"]
-        if any(t is not None and t.dtype != x.dtype for t in (rm, rv)):
+        if not kernels.in_dtype_already(x.dtype, rm, rv):
             return None
+        if not kernels.in_dtype_already(x.dtype, *params):
+            params = kernels.in_dtype(x.dtype, *params)
         y: Tensor = kernels.op("bcn_forward")(
             x,
-            *kernels.in_dtype(x.dtype, *params),
+            *params,
             rm,
             rv,
             b["num_batches_tracked"],

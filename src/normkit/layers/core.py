@@ -288,8 +288,7 @@ class _BatchNormCore(Synchronized, _BatchNorm):
             rm, rv, counts = b["running_mean"], b["running_var"], b["num_batches_tracked"]
         except KeyError:
             return None
-        dtype = x.dtype
-        if any(t is not None and t.dtype != dtype for t in (w, bias, dw, db, rm, rv)):
+        if not kernels.in_dtype_already(x.dtype, w, bias, dw, db, rm, rv):
             return None
         index, dom, groups, row = None, 0, 0, -1
         if self.split_stats or dw is not None:
