@@ -61,6 +61,16 @@ __all__ = [
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
+def _scalar_for(p: Tensor, x: Tensor) -> Tensor:
+    """The ``(1,)`` parameter ``p`` as an operand for ``x``: in ``x``'s dtype, and 0-dim for a
+    0-dim ``x`` (a ``(1,)`` operand broadcasts to the shape of any other input). Casts and
+    reshapes only where needed: each is one more operator call, and one more autograd node, per
+    scalar per step, which is most of what Fixup's scalars cost at small batches."""
+    if p.dtype != x.dtype:
+        p = p.to(x.dtype)
+    return p if x.dim() else p.reshape(())
+
+
 class Bias(nn.Module):
     """A learnable scalar added to the input: ``y = x + bias``.
 
@@ -92,7 +102,7 @@ class Bias(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # An integer input would get a truncated bias.
         check_float_input(type(self).__name__, x)
-        return x + self.bias.to(x.dtype).reshape(())  # a scalar: the output has x's shape
+        return x + _scalar_for(self.bias, x)
 
 
 class Scale(nn.Module):
@@ -127,7 +137,7 @@ class Scale(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_float_input(type(self).__name__, x)  # an integer input would get a truncated scale
-        return x * self.weight.to(x.dtype).reshape(())  # a scalar: the output has x's shape
+        return x * _scalar_for(self.weight, x)
 
 
 @runtime_checkable

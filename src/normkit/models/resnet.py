@@ -105,10 +105,15 @@ def _conv_then_scalars(
     if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or not _unhooked(*parts):
         out = conv(x)
         return bias(out if scale is None else scale(out))
-    weight = conv.weight
-    shift = bias.bias.to(weight.dtype).expand(conv.out_channels)
+    weight: Tensor = conv.weight
+    shift: Tensor = bias.bias
+    if shift.dtype != weight.dtype:
+        shift = shift.to(weight.dtype)
+    shift = shift.expand(conv.out_channels)
     if scale is not None:
-        factor = scale.weight.to(weight.dtype)
+        factor: Tensor = scale.weight
+        if factor.dtype != weight.dtype:
+            factor = factor.to(weight.dtype)
         weight = weight * factor
         if conv.bias is not None:
             shift = torch.addcmul(shift, conv.bias, factor)
