@@ -28,7 +28,7 @@ from normkit.layers.core import _BatchNormCore
 from normkit.layers.renorm import _BatchRenorm
 from tests.counting import count_calls
 from tests.layer_table import LAYERS, layer_params
-from tests.test_fast_paths import EXTRA, _compare
+from tests.test_fast_paths import EXTRA, WS_CASES, WS_MODES, _compare, _ws_run
 
 F64 = torch.float64
 RECORDS = [r for r in [*LAYERS, *EXTRA] if issubclass(r.cls, (_BatchNormCore, _BatchChannelNorm))]
@@ -41,6 +41,7 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     kernels.enable()
     calls = count_calls(monkeypatch, core, "core_kernel")
     count_calls(monkeypatch, _BatchNormCore, "_kernel_call", calls, when=lambda y: y is not None)
+    count_calls(monkeypatch, _fused, "weight_standardize_kernel", calls)
     count_calls(
         monkeypatch, _BatchChannelNorm, "_kernel_forward", calls, when=lambda y: y is not None
     )
@@ -460,3 +461,78 @@ def test_bcn_refuses_misshapen_affines_and_leaves_parametrized_ones_to_the_full_
     x = torch.randn(3, 4, 2, 2, dtype=F64)
     torch.testing.assert_close(layer(x), plain(x), rtol=1e-10, atol=1e-10)
     assert kernel_calls.count("_kernel_forward") == 2  # the parametrized one via the full path
+
+
+# --- weight standardization ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", WS_MODES, ids=lambda m: f"{m['eps_mode']}-{m['unbiased']}")
+@pytest.mark.parametrize(("name", "make", "shape"), WS_CASES, ids=[c[0] for c in WS_CASES])
+def test_ws_kernel_equals_reference(
+    name: str, make: Any, shape: tuple[int, ...], mode: dict[str, Any], kernel_calls: list[str]
+) -> None:
+    """Every WS layer and eps mode, with the kernels on, against the reference formula in
+    float64: output and the gradients of the input and every parameter."""
+    torch.manual_seed(8)
+    layer = make(**mode).to(F64)
+    with torch.no_grad():  # filters of different spreads and offsets
+        layer.weight.mul_(torch.rand(layer.weight.shape[0], *[1] * (layer.weight.dim() - 1),
+                                     dtype=F64) * 2).add_(0.3)  # fmt: skip
+    ref = copy.deepcopy(layer)
+    ref.fast = False
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(shape, generator=g, dtype=F64)
+    up = torch.randn(ref(x).shape, generator=g, dtype=F64)
+    got, want = _ws_run(layer, x, up), _ws_run(ref, x, up)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-10, atol=1e-10, msg=key)
+    assert "weight_standardize_kernel" in kernel_calls
+
+
+@pytest.mark.parametrize("mode", WS_MODES, ids=lambda m: f"{m['eps_mode']}-{m['unbiased']}")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_ws_kernel_gradcheck_and_gradgradcheck(
+    mode: dict[str, Any], channels_last: bool, kernel_calls: list[str]
+) -> None:
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(4, 3, 2, 2, generator=g, dtype=F64) * 0.7 + 0.2
+    if channels_last:  # a filter's values are still contiguous, in another order
+        w = w.contiguous(memory_format=torch.channels_last)
+    w.requires_grad_(True)
+    eps = mode.get("eps", 1e-5)
+
+    def f(w: Tensor) -> Tensor:
+        return _fused.weight_standardize_kernel(
+            w, eps, unbiased=mode["unbiased"], eps_mode=mode["eps_mode"]
+        )
+
+    want = nk.functional.weight_standardize(
+        w, eps, unbiased=mode["unbiased"], eps_mode=mode["eps_mode"]
+    )
+    got = f(w)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert gradcheck(f, (w,))
+    assert gradgradcheck(f, (w,))
+
+
+def test_ws_kernel_in_every_eager_call_and_the_eval_cache(kernel_calls: list[str]) -> None:
+    """With the kernels on, training, no-grad and eval computations of a float32 weight all
+    take the kernel (so the eval cache equals the training weight bit for bit); a half weight,
+    ``fast = False`` and compiled code do not."""
+    layer = nk.WSConv2d(3, 4, 3)
+    x = torch.randn(1, 3, 5, 5)
+    layer.fast = False
+    layer(x)
+    torch.compile(layer, backend="eager", fullgraph=True)(x)
+    layer.fast = True
+    layer.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert "weight_standardize_kernel" not in kernel_calls
+    layer.float()
+    with torch.no_grad():
+        layer(x)
+    train_weight = layer.standardized_weight()
+    with torch.no_grad():
+        cached = layer.eval().standardized_weight()
+    assert torch.equal(cached, train_weight)
+    assert kernel_calls.count("weight_standardize_kernel") == 3

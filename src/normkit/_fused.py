@@ -700,6 +700,19 @@ def weight_standardize(
     return out
 
 
+_EPS_MODES = {"sqrt": 0, "std": 1, "max": 2}
+
+
+def weight_standardize_kernel(
+    weight: Tensor, eps: float, *, unbiased: bool = False, eps_mode: str = "sqrt"
+) -> Tensor:
+    """:func:`weight_standardize` in normkit's compiled kernel (:mod:`normkit.kernels`): one
+    operator call each way with its autograd node in C++, the statistics in double; for a
+    float32 or float64 CPU weight (``kernels.takes_weight``)."""
+    out: Tensor = kernels.op("ws_standardize")(weight, eps, unbiased, _EPS_MODES[eps_mode])
+    return out
+
+
 def _inv_std(var: Tensor, eps: float, eps_mode: str) -> tuple[Tensor, Tensor]:
     """``(inv, d inv / d var)`` of each eps mode (the derivative as autograd gives it)."""
     if eps_mode == "sqrt":

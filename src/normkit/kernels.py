@@ -127,7 +127,7 @@ def build(verbose: bool = False) -> None:
 
 def _remember_ops() -> None:
     namespace = torch.ops.normkit_kernels
-    for name in ("core_forward", "core_train", "bcn_forward"):
+    for name in ("core_forward", "core_train", "bcn_forward", "ws_standardize"):
         _ops[name] = getattr(namespace, name).default
 
 
@@ -181,6 +181,19 @@ def applies(x: Tensor) -> bool:
     if rank == 4:
         return x.is_contiguous(memory_format=torch.channels_last)
     return rank == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def takes_weight(w: Tensor) -> bool:
+    """Whether an enabled kernel standardizes the weight ``w`` (a weight-standardized layer's,
+    the caller has checked the rest): a non-empty float32 or float64 CPU tensor of rank 2 or
+    more, in any layout (it is read contiguous or channels_last)."""
+    return (
+        _enabled
+        and w.is_cpu
+        and (w.dtype is torch.float32 or w.dtype is torch.float64)
+        and w.dim() >= 2
+        and w.numel() > 0
+    )
 
 
 def in_dtype_already(dtype: torch.dtype, *tensors: Tensor | None) -> bool:

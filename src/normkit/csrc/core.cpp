@@ -7,6 +7,8 @@
 //   sample's domain, γ, β the optional shared (C,) affine and γ_k, β_k the optional per-domain
 //   (K, C) affine: y = γ_k ⊙ (γ ⊙ x̂ + β) + β_k = a[n, c] · x + b[n, c].
 // * bcn_forward: Batch-Channel Normalization (normkit.layers.batch_channel).
+// * ws_standardize: weight standardization of a convolution's or linear layer's weight
+//   (normkit.layers.weight_std), per output filter.
 //
 // Each forward also updates the layer's running statistics (or BCN's estimates) by the rules of
 // normkit._stats, in the same call; each has an autograd node here (CoreFunction, BcnFunction).
@@ -1160,6 +1162,204 @@ Tensor core_train_autograd(const Tensor& x, const optional<Tensor>& weight,
                                     momentum)[0];
 }
 
+
+// ---- Weight standardization (normkit._fused.weight_standardize) -------------------------------
+//
+// Per output filter f (its K = numel / O values, contiguous in memory for a contiguous or
+// channels_last weight: dim 0 is outermost in both, and the result does not depend on the order
+// within a filter): d = w − mean, v = Σ d² / (K − c) (c = 1 when unbiased), inv = 1 / σ(v) by
+// the eps mode (0: sqrt(v + eps), 1: sqrt(v) + eps, 2: sqrt(max(v, eps))) and ŵ = d · inv.
+// Sums in double, shifted by the filter's first value. Backward, with A = Σ g, B = Σ g · ŵ:
+// ∂w = inv · g + ŵ · B · inv′(v) · 2 / ((K − c) · inv²) − inv · A / K.
+
+at::MemoryFormat weight_format(const Tensor& w) {
+  if (w.dim() == 4 && !w.is_contiguous() && w.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  if (w.dim() == 5 && !w.is_contiguous() && w.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
+    return at::MemoryFormat::ChannelsLast3d;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+template <typename T>
+void ws_forward_impl(const Tensor& w, const Tensor& out, double* inv, double* dinv, double eps,
+                     bool unbiased, int64_t mode) {
+  const int64_t o = w.size(0), k = w.numel() / o;
+  const double inv_k = 1.0 / static_cast<double>(k);
+  const double denom = static_cast<double>(k - (unbiased ? 1 : 0));
+  const T* wp = w.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, o, std::max<int64_t>(1, kGrain / k), [&](int64_t f0, int64_t f1) {
+    for (int64_t f = f0; f < f1; ++f) {
+      const T* row = wp + f * k;
+      T* orow = op + f * k;
+      const double first = static_cast<double>(row[0]);
+      double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < k; ++i) sum += static_cast<double>(row[i]) - first;
+      const double shift = first + sum * inv_k;  // the mean
+      double sq = 0.0;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t i = 0; i < k; ++i) {
+        const double d = static_cast<double>(row[i]) - shift;
+        sq += d * d;
+      }
+      const double v = sq / denom;
+      double iv, dv;
+      if (mode == 0) {
+        iv = 1.0 / std::sqrt(v + eps);
+        dv = -0.5 * iv * iv * iv;
+      } else if (mode == 1) {
+        const double sd = std::sqrt(v);
+        iv = 1.0 / (sd + eps);
+        dv = -iv * iv / (2.0 * sd);
+      } else {
+        iv = 1.0 / std::sqrt(std::max(v, eps));
+        dv = v >= eps ? -0.5 * iv * iv * iv : 0.0;
+      }
+      inv[f] = iv;
+      dinv[f] = dv;
+#pragma omp simd
+      for (int64_t i = 0; i < k; ++i) {
+        orow[i] = static_cast<T>((static_cast<double>(row[i]) - shift) * iv);
+      }
+    }
+  });
+}
+
+template <typename T>
+void ws_backward_impl(const Tensor& g, const Tensor& out, const double* inv, const double* dinv,
+                      const Tensor& dw, bool unbiased) {
+  const int64_t o = out.size(0), k = out.numel() / o;
+  const double inv_k = 1.0 / static_cast<double>(k);
+  const double c2 = 2.0 / static_cast<double>(k - (unbiased ? 1 : 0));
+  const T* gp = g.data_ptr<T>();
+  const T* wh = out.data_ptr<T>();
+  T* dp = dw.data_ptr<T>();
+  at::parallel_for(0, o, std::max<int64_t>(1, kGrain / k), [&](int64_t f0, int64_t f1) {
+    for (int64_t f = f0; f < f1; ++f) {
+      const T* grow = gp + f * k;
+      const T* hrow = wh + f * k;
+      T* drow = dp + f * k;
+      double a = 0.0, b = 0.0;
+#pragma omp simd reduction(+ : a, b)
+      for (int64_t i = 0; i < k; ++i) {
+        a += static_cast<double>(grow[i]);
+        b += static_cast<double>(grow[i]) * static_cast<double>(hrow[i]);
+      }
+      const double iv = inv[f];
+      const double on_hat = b * dinv[f] * c2 / (iv * iv);
+      const double constant = iv * a * inv_k;
+#pragma omp simd
+      for (int64_t i = 0; i < k; ++i) {
+        drow[i] = static_cast<T>(iv * static_cast<double>(grow[i]) +
+                                 on_hat * static_cast<double>(hrow[i]) - constant);
+      }
+    }
+  });
+}
+
+void check_ws_args(const Tensor& w, bool unbiased, int64_t mode) {
+  TORCH_CHECK(w.dim() >= 2 && w.size(0) > 0 && w.numel() > 0,
+              "normkit ws kernel: a non-empty weight of rank 2 or more");
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble,
+              "normkit ws kernel: a float32 or float64 weight");
+  TORCH_CHECK(mode >= 0 && mode <= 2, "normkit ws kernel: eps mode 0, 1 or 2");
+  TORCH_CHECK(!unbiased || w.numel() / w.size(0) > 1,
+              "normkit ws kernel: a fan-in of at least 2 for the unbiased variance");
+}
+
+// (ŵ, inv, inv′) with inv and inv′ = d inv / d v per filter, (O,) in double.
+std::tuple<Tensor, Tensor, Tensor> ws_forward(const Tensor& weight, double eps, bool unbiased,
+                                              int64_t mode) {
+  check_ws_args(weight, unbiased, mode);
+  const Tensor w = weight.contiguous(weight_format(weight));
+  Tensor out = at::empty_like(w);
+  auto dopts = w.options().dtype(at::kDouble);
+  Tensor inv = at::empty({w.size(0)}, dopts), dinv = at::empty({w.size(0)}, dopts);
+  if (w.scalar_type() == at::kDouble) {
+    ws_forward_impl<double>(w, out, inv.data_ptr<double>(), dinv.data_ptr<double>(), eps,
+                            unbiased, mode);
+  } else {
+    ws_forward_impl<float>(w, out, inv.data_ptr<double>(), dinv.data_ptr<double>(), eps,
+                           unbiased, mode);
+  }
+  return {out, inv, dinv};
+}
+
+Tensor ws_backward(const Tensor& grad, const Tensor& out, const Tensor& inv, const Tensor& dinv,
+                   bool unbiased) {
+  const Tensor g = grad.to(out.scalar_type()).contiguous(weight_format(out));
+  Tensor dw = at::empty_like(out);
+  if (out.scalar_type() == at::kDouble) {
+    ws_backward_impl<double>(g, out, inv.data_ptr<double>(), dinv.data_ptr<double>(), dw,
+                             unbiased);
+  } else {
+    ws_backward_impl<float>(g, out, inv.data_ptr<double>(), dinv.data_ptr<double>(), dw,
+                            unbiased);
+  }
+  return dw;
+}
+
+// The reference composition in differentiable ATen operators (double backward).
+Tensor ws_reference(const Tensor& w, double eps, bool unbiased, int64_t mode) {
+  std::vector<int64_t> dims;
+  std::vector<int64_t> keep(w.dim(), 1);
+  keep[0] = w.size(0);
+  for (int64_t d = 1; d < w.dim(); ++d) dims.push_back(d);
+  const int64_t k = w.numel() / w.size(0);
+  const Tensor first = w.detach().reshape({w.size(0), -1}).narrow(1, 0, 1).reshape(keep);
+  const Tensor shifted = w - first;
+  const Tensor d = shifted - shifted.sum(dims, /*keepdim=*/true) / static_cast<double>(k);
+  const Tensor v = d.square().sum(dims, /*keepdim=*/true) / static_cast<double>(k - unbiased);
+  if (mode == 0) return d * at::rsqrt(v + eps);
+  if (mode == 1) return d / (at::sqrt(v) + eps);
+  return d * at::rsqrt(at::clamp_min(v, eps));
+}
+
+class WsFunction : public torch::autograd::Function<WsFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const Tensor& weight, double eps, bool unbiased,
+                                                int64_t mode) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, inv, dinv] = ws_forward(weight, eps, unbiased, mode);
+    ctx->save_for_backward({weight, out, inv, dinv});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["unbiased"] = unbiased;
+    ctx->saved_data["mode"] = mode;
+    return {out};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const Tensor &weight = saved[0], &out = saved[1], &inv = saved[2], &dinv = saved[3];
+    const bool unbiased = ctx->saved_data["unbiased"].toBool();
+    torch::autograd::variable_list result(4);
+    if (!grads[0].defined()) return result;
+    if (at::GradMode::is_enabled()) {
+      const double eps = ctx->saved_data["eps"].toDouble();
+      const int64_t mode = ctx->saved_data["mode"].toInt();
+      result[0] = torch::autograd::grad({ws_reference(weight, eps, unbiased, mode)}, {weight},
+                                        {grads[0]}, /*retain_graph=*/std::nullopt,
+                                        /*create_graph=*/true, /*allow_unused=*/true)[0];
+      return result;
+    }
+    result[0] = ws_backward(grads[0], out, inv, dinv, unbiased);
+    return result;
+  }
+};
+
+Tensor ws_standardize(const Tensor& weight, double eps, bool unbiased, int64_t mode) {
+  return std::get<0>(ws_forward(weight, eps, unbiased, mode));
+}
+
+Tensor ws_standardize_autograd(const Tensor& weight, double eps, bool unbiased, int64_t mode) {
+  return WsFunction::apply(weight, eps, unbiased, mode)[0];
+}
+
 }  // namespace
 
 TORCH_LIBRARY(normkit_kernels, m) {
@@ -1178,16 +1378,19 @@ TORCH_LIBRARY(normkit_kernels, m) {
       "Tensor? group_bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "Tensor(c!)? num_batches_tracked, int groups, bool per_channel, bool estimate, float eps, "
       "float rate, float momentum) -> Tensor");
+  m.def("ws_standardize(Tensor weight, float eps, bool unbiased, int mode) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(normkit_kernels, CPU, m) {
   m.impl("core_forward", &core_forward);
   m.impl("core_train", &core_train);
   m.impl("bcn_forward", &bcn_forward_output);
+  m.impl("ws_standardize", &ws_standardize);
 }
 
 TORCH_LIBRARY_IMPL(normkit_kernels, Autograd, m) {
   m.impl("core_forward", &core_forward_autograd);
   m.impl("core_train", &core_train_autograd);
   m.impl("bcn_forward", &bcn_forward_autograd);
+  m.impl("ws_standardize", &ws_standardize_autograd);
 }

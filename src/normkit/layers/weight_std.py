@@ -71,7 +71,7 @@ from torch.nn import functional as F
 from torch.nn.common_types import _size_1_t, _size_2_t, _size_3_t
 from torch.nn.modules.conv import _ConvNd
 
-from normkit import _fused
+from normkit import _fused, kernels
 from normkit import functional as nkf
 from normkit._checks import (
     check_conv_input,
@@ -464,6 +464,8 @@ def _standardizer(layer: _StandardizedWeight) -> Callable[..., Tensor]:
     training computes."""
     w = layer.weight
     if layer.fast and type(w) in _PLAIN_TENSOR_TYPES and _fused.fast_paths_apply(w):
+        if kernels.takes_weight(w):  # normkit's compiled kernel, when enabled
+            return _fused.weight_standardize_kernel
         return _fused.weight_standardize
     return nkf.weight_standardize
 
