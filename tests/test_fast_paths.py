@@ -373,22 +373,30 @@ def _ws_run(layer: nn.Module, x0: Tensor, up: Tensor) -> dict[str, Tensor]:
     return {"y": y.detach(), "dx": grads[0], **dict(zip(names, grads[1:]))}
 
 
-@pytest.mark.parametrize("mode", WS_MODES, ids=lambda m: f"{m['eps_mode']}-{m['unbiased']}")
-@pytest.mark.parametrize(("name", "make", "shape"), WS_CASES, ids=[c[0] for c in WS_CASES])
-def test_ws_fast_path_equals_reference(
-    name: str, make: Any, shape: tuple[int, ...], mode: dict[str, Any]
-) -> None:
+def _ws_pair(
+    make: Any, shape: tuple[int, ...], mode: dict[str, Any]
+) -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
+    """A float64 WS layer with filters of different spreads and offsets, its reference copy
+    (``fast = False``), an input of ``shape`` and an upstream gradient for the output."""
     torch.manual_seed(8)
     fast = make(**mode).to(F64)
-    with torch.no_grad():  # filters of different spreads and offsets
+    with torch.no_grad():
         fast.weight.mul_(torch.rand(fast.weight.shape[0], *[1] * (fast.weight.dim() - 1),
                                     dtype=F64) * 2).add_(0.3)  # fmt: skip
     ref = copy.deepcopy(fast)
     ref.fast = False
     g = torch.Generator().manual_seed(9)
     x = torch.randn(shape, generator=g, dtype=F64)
-    out_shape = ref(x).shape
-    up = torch.randn(out_shape, generator=g, dtype=F64)
+    up = torch.randn(ref(x).shape, generator=g, dtype=F64)
+    return fast, ref, x, up
+
+
+@pytest.mark.parametrize("mode", WS_MODES, ids=lambda m: f"{m['eps_mode']}-{m['unbiased']}")
+@pytest.mark.parametrize(("name", "make", "shape"), WS_CASES, ids=[c[0] for c in WS_CASES])
+def test_ws_fast_path_equals_reference(
+    name: str, make: Any, shape: tuple[int, ...], mode: dict[str, Any]
+) -> None:
+    fast, ref, x, up = _ws_pair(make, shape, mode)
     calls: list[int] = []
     real = _fused.weight_standardize
 

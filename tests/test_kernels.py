@@ -28,7 +28,7 @@ from normkit.layers.core import _BatchNormCore
 from normkit.layers.renorm import _BatchRenorm
 from tests.counting import count_calls
 from tests.layer_table import LAYERS, layer_params
-from tests.test_fast_paths import EXTRA, WS_CASES, WS_MODES, _compare, _ws_run
+from tests.test_fast_paths import EXTRA, WS_CASES, WS_MODES, _compare, _ws_pair, _ws_run
 
 F64 = torch.float64
 RECORDS = [r for r in [*LAYERS, *EXTRA] if issubclass(r.cls, (_BatchNormCore, _BatchChannelNorm))]
@@ -403,20 +403,28 @@ def test_an_index_out_of_range_gets_the_named_error_and_changes_nothing(
         layer(torch.randn(4, 3, 2, 2), 2)
 
 
+class _Double(torch.nn.Module):
+    def forward(self, w: Tensor) -> Tensor:
+        return 2 * w
+
+
+def _doubled(layer: torch.nn.Module, name: str) -> torch.nn.Module:
+    """A plain copy of ``layer`` with the parameter ``name`` doubled; ``layer`` itself gets the
+    doubling as a parametrization (so both compute the same function)."""
+    from torch.nn.utils import parametrize
+
+    plain = copy.deepcopy(layer)
+    with torch.no_grad():
+        getattr(plain, name).mul_(2)
+    parametrize.register_parametrization(layer, name, _Double())
+    return plain
+
+
 def test_a_parametrized_weight_takes_the_full_path(kernel_calls: list[str]) -> None:
     """A parametrized affine is not in the module's parameter dictionary: the short route
     steps aside and the full path computes with the parametrized value."""
-    from torch.nn.utils import parametrize
-
-    class Double(torch.nn.Module):
-        def forward(self, w: Tensor) -> Tensor:
-            return 2 * w
-
     layer = nk.SandwichBatchNorm2d(3, 2).to(F64).train()
-    plain = copy.deepcopy(layer)
-    with torch.no_grad():
-        plain.weight.mul_(2)
-    parametrize.register_parametrization(layer, "weight", Double())
+    plain = _doubled(layer, "weight")
     x, domain = torch.randn(4, 3, 2, 2, dtype=F64), torch.tensor([0, 1, 1, 0])
     torch.testing.assert_close(layer(x, domain), plain(x, domain), rtol=1e-10, atol=1e-10)
     assert "_kernel_call" in kernel_calls  # plain
@@ -439,8 +447,6 @@ def test_a_misshapen_affine_is_refused_not_read_out_of_bounds(kernel_calls: list
 def test_bcn_refuses_misshapen_affines_and_leaves_parametrized_ones_to_the_full_path(
     kernel_calls: list[str],
 ) -> None:
-    from torch.nn.utils import parametrize
-
     layer = nk.BatchChannelNorm2d(4, 2).train()
     layer.group_weight = torch.nn.Parameter(torch.ones(4))  # per group: 2 values
     layer.group_bias = torch.nn.Parameter(torch.zeros(4))
@@ -449,15 +455,8 @@ def test_bcn_refuses_misshapen_affines_and_leaves_parametrized_ones_to_the_full_
         layer(torch.randn(3, 4, 2, 2))
     assert torch.equal(layer.running_mean, before)
 
-    class Double(torch.nn.Module):
-        def forward(self, w: Tensor) -> Tensor:
-            return 2 * w
-
     layer = nk.BatchChannelNorm2d(4, 2).to(F64).train()
-    plain = copy.deepcopy(layer)
-    with torch.no_grad():
-        plain.group_weight.mul_(2)
-    parametrize.register_parametrization(layer, "group_weight", Double())
+    plain = _doubled(layer, "group_weight")
     x = torch.randn(3, 4, 2, 2, dtype=F64)
     torch.testing.assert_close(layer(x), plain(x), rtol=1e-10, atol=1e-10)
     assert kernel_calls.count("_kernel_forward") == 2  # the parametrized one via the full path
@@ -473,16 +472,7 @@ def test_ws_kernel_equals_reference(
 ) -> None:
     """Every WS layer and eps mode, with the kernels on, against the reference formula in
     float64: output and the gradients of the input and every parameter."""
-    torch.manual_seed(8)
-    layer = make(**mode).to(F64)
-    with torch.no_grad():  # filters of different spreads and offsets
-        layer.weight.mul_(torch.rand(layer.weight.shape[0], *[1] * (layer.weight.dim() - 1),
-                                     dtype=F64) * 2).add_(0.3)  # fmt: skip
-    ref = copy.deepcopy(layer)
-    ref.fast = False
-    g = torch.Generator().manual_seed(9)
-    x = torch.randn(shape, generator=g, dtype=F64)
-    up = torch.randn(ref(x).shape, generator=g, dtype=F64)
+    layer, ref, x, up = _ws_pair(make, shape, mode)
     got, want = _ws_run(layer, x, up), _ws_run(ref, x, up)
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-10, atol=1e-10, msg=key)

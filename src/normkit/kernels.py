@@ -8,8 +8,10 @@ on the eager training forward and backward of the batch-norm core (Sandwich BN, 
 :class:`normkit.SyncBatchNorm` without a process group, InputNorm, BNET's normalization) and of
 Batch-Channel Normalization (both modes) on float32 and float64 CPU inputs of rank 3 to 5,
 contiguous or channels_last, each run as one operator call instead of dozens, its autograd node
-in C++ too. Everything else (other dtypes, GPU tensors, eval, synchronized statistics, batch
-renormalization, ``torch.compile``/``torch.export`` tracing) keeps the PyTorch path.
+in C++ too; and the weight standardization of the WS layers (every eager computation of a
+float32/float64 CPU weight). Everything else (other dtypes, GPU tensors, the norms' eval mode,
+synchronized statistics, batch renormalization, ``torch.compile``/``torch.export`` tracing)
+keeps the PyTorch path.
 
 The kernels compute the same functions as the PyTorch paths (``tests/test_kernels.py`` checks
 them to 1e-10 in float64, forward, backward and double backward, for every configuration of
