@@ -367,3 +367,10 @@ def test_gradcheck_scalars_and_fixup_blocks_in_float64() -> None:
             return torch.func.functional_call(block, dict(zip(names, ps)), (inp,))
 
         assert torch.autograd.gradcheck(fn, (x, *params))
+
+
+def test_scalars_combine_with_an_input_on_another_device() -> None:
+    """The scalars are 0-dim operands, which torch combines with a tensor on any device (here
+    the meta device, as shape-only tracing uses)."""
+    x = torch.randn(2, 3, device="meta")
+    assert Bias()(x).shape == (2, 3) and Scale()(x).shape == (2, 3)

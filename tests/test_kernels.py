@@ -526,3 +526,121 @@ def test_ws_kernel_in_every_eager_call_and_the_eval_cache(kernel_calls: list[str
         cached = layer.eval().standardized_weight()
     assert torch.equal(cached, train_weight)
     assert kernel_calls.count("weight_standardize_kernel") == 3
+
+
+# --- unusual layer states: the kernels on behave as the kernels off -----------------------------
+
+
+def _strided(t: Tensor) -> Tensor:
+    """The same values in a strided view (every second element of a larger tensor)."""
+    wide = torch.zeros(t.numel() * 2, dtype=t.dtype)
+    wide[::2] = t.flatten()
+    return wide[::2].view(t.shape)
+
+
+def _no_bias(layer: torch.nn.Module) -> None:
+    layer.bias = None  # an affine pair with one half
+
+
+def _no_counter(layer: torch.nn.Module) -> None:
+    layer.num_batches_tracked = None
+
+
+def _strided_buffers(layer: torch.nn.Module) -> None:
+    for name in ("running_mean", "running_var"):
+        layer._buffers[name] = _strided(layer._buffers[name])
+
+
+def _parametrized_buffer(layer: torch.nn.Module) -> None:
+    from torch.nn.utils import parametrize
+
+    class Same(torch.nn.Module):
+        def forward(self, t: Tensor) -> Tensor:
+            return t
+
+    parametrize.register_parametrization(layer, "running_var", Same())
+
+
+STATES = {
+    "no-bias": _no_bias,
+    "no-counter": _no_counter,
+    "strided-buffers": _strided_buffers,
+    "parametrized-buffer": _parametrized_buffer,
+}
+
+
+@pytest.mark.parametrize("state", list(STATES))
+@pytest.mark.parametrize("layer_name", ["sabn", "bcn"])
+def test_unusual_layer_states_behave_as_with_the_kernels_off(
+    state: str, layer_name: str, kernel_calls: list[str]
+) -> None:
+    """A lone half of an affine pair, a missing step counter, strided or parametrized running
+    buffers: the same outputs, gradients, buffers and errors with the kernels on and off (the
+    kernel route steps aside; it used to raise, crash or read past a buffer)."""
+    args: tuple[Any, ...]
+    if layer_name == "sabn":
+        layer: torch.nn.Module = nk.SandwichBatchNorm2d(4, 2).to(F64).train()
+        args = (torch.tensor([0, 1, 1]),)
+    else:
+        layer = nk.BatchChannelNorm2d(4, 2).to(F64).train()
+        args = ()
+    STATES[state](layer)
+    off = copy.deepcopy(layer)
+    x = torch.randn(3, 4, 2, 2, dtype=F64)
+    results: list[Any] = []
+    for module, enabled in ((layer, True), (off, False)):
+        (kernels.enable if enabled else kernels.disable)()
+        xi = x.clone().requires_grad_()
+        try:
+            y = module(xi, *args)
+        except Exception as exc:  # the error must be the same with the kernels on
+            results.append(type(exc))
+            continue
+        # (a lone weight is unused on the PyTorch path: its gradient is None there)
+        grads = torch.autograd.grad(y.sum(), [xi, *module.parameters()], allow_unused=True)
+        results.append((y, *grads, *module.buffers()))
+    on, got_off = results
+    if isinstance(on, type) or isinstance(got_off, type):
+        assert on == got_off
+        return
+    for a, b in zip(on, got_off, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_the_kernels_mark_the_buffers_they_change(kernel_calls: list[str]) -> None:
+    """Running buffers updated in place by a kernel get a new version, as torch's in-place
+    operators give them."""
+    for layer, args in (
+        (nk.SandwichBatchNorm2d(3, 2).train(), (torch.tensor([0, 1]),)),
+        (nk.BatchChannelNorm2d(4, 2).train(), ()),
+    ):
+        before = [b._version for b in layer.buffers()]
+        layer(torch.randn(2, layer.num_features, 3, 3), *args)
+        assert all(b._version > v for b, v in zip(layer.buffers(), before, strict=True))
+    assert kernel_calls
+
+
+def test_ws_kernel_keeps_float64_precision_far_from_zero(kernel_calls: list[str]) -> None:
+    """Filters with a mean 1e7 times their spread: the kernel's centring keeps the float64
+    result within rounding of the PyTorch formula (the mean rounded to a double lost 1e-10)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(4, 3, 3, 3, generator=g, dtype=F64) + 1e7
+    got = _fused.weight_standardize_kernel(w, 1e-5)
+    want = nk.functional.weight_standardize(w, 1e-5)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
+
+
+def test_ws_kernel_double_backward_of_a_constant_filter_matches(kernel_calls: list[str]) -> None:
+    w = torch.randn(4, 3, 3, 3, dtype=F64)
+    w[1] = 0.3
+    w.requires_grad_(True)
+    up = torch.randn(w.shape, dtype=F64)
+    results = []
+    for f in (_fused.weight_standardize_kernel, nk.functional.weight_standardize):
+        (g1,) = torch.autograd.grad(f(w, 1e-5), w, up, create_graph=True)
+        (g2,) = torch.autograd.grad(g1.square().sum(), w)
+        results.append((g1, g2))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, equal_nan=True)

@@ -62,13 +62,14 @@ ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def _scalar_for(p: Tensor, x: Tensor) -> Tensor:
-    """The ``(1,)`` parameter ``p`` as an operand for ``x``: in ``x``'s dtype, and 0-dim for a
-    0-dim ``x`` (a ``(1,)`` operand broadcasts to the shape of any other input). Casts and
-    reshapes only where needed: each is one more operator call, and one more autograd node, per
-    scalar per step, which is most of what Fixup's scalars cost at small batches."""
+    """The ``(1,)`` parameter ``p`` as a 0-dim operand for ``x`` (the output keeps ``x``'s
+    shape, and a 0-dim CPU scalar combines with an input on any device, meta included), in
+    ``x``'s dtype. The cast only where needed: a no-op ``to`` is still one more operator call
+    per scalar per step, and those calls are most of what Fixup's scalars cost at small
+    batches."""
     if p.dtype != x.dtype:
         p = p.to(x.dtype)
-    return p if x.dim() else p.reshape(())
+    return p.reshape(())
 
 
 class Bias(nn.Module):

@@ -28,6 +28,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -264,6 +265,15 @@ void track_row(T* rm, T* rv, int64_t* nbt, const T* mean, const T* var, double v
   }
 }
 
+// The buffers an operator is about to change in place, marked changed as torch's in-place
+// operators mark theirs (autograd's saved-tensor checks see it; an inference tensor outside
+// inference mode is refused here, before anything changes, as torch refuses it).
+void bump_versions(std::initializer_list<optional<Tensor>> buffers) {
+  for (const auto& t : buffers) {
+    if (t.has_value()) t->unsafeGetTensorImpl()->bump_version();
+  }
+}
+
 // Rows of (G, C) batch statistics over values[g] values each into (R, C) running buffers
 // (R = num_batches_tracked.numel()): row g into buffer row g, or, with row >= 0, the single row
 // into buffer row `row`. No buffers (running_var absent): nothing to do.
@@ -286,6 +296,7 @@ void track_groups(const optional<Tensor>& running_mean, const optional<Tensor>& 
                   "normkit kernel: running buffers of (R, C) values in the input's dtype");
     }
   }
+  bump_versions({running_mean, running_var, num_batches_tracked});
   T* rm = running_mean.has_value() ? running_mean->data_ptr<T>() : nullptr;
   T* rv = running_var->data_ptr<T>();
   int64_t* nbt = num_batches_tracked->data_ptr<int64_t>();
@@ -513,6 +524,10 @@ void check_core_args(const Tensor& x, const optional<Tensor>& weight,
   const int64_t c = x.size(1);
   TORCH_CHECK(weight.has_value() == bias.has_value() && dweight.has_value() == dbias.has_value(),
               "normkit core kernel: affines in pairs");
+  for (const auto* t : {&weight, &bias, &dweight, &dbias}) {
+    TORCH_CHECK(!t->has_value() || (*t)->scalar_type() == x.scalar_type(),
+                "normkit core kernel: affines in the input's dtype");
+  }
   if (weight.has_value()) {
     TORCH_CHECK(weight->numel() == c && bias->numel() == c,
                 "normkit core kernel: a shared affine of C values");
@@ -660,6 +675,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bcn_forward_impl(
   int64_t* nbt = num_batches_tracked.has_value() ? num_batches_tracked->data_ptr<int64_t>()
                                                  : nullptr;
   TORCH_CHECK(!estimate || (rm && rv && nbt), "normkit bcn kernel: estimates need buffers");
+  if (rv) bump_versions({running_mean, running_var, num_batches_tracked});
   std::vector<T> bm(c), bv(c);
   const double inv_n = 1.0 / static_cast<double>(n);
   for (int64_t ch = 0; ch < c; ++ch) {
@@ -938,6 +954,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bcn_forward(
                   "normkit bcn kernel: running buffers of C values in the input's dtype");
     }
   }
+  TORCH_CHECK(!running_var.has_value() ||
+                  (num_batches_tracked.has_value() &&
+                   num_batches_tracked->scalar_type() == at::kLong &&
+                   num_batches_tracked->numel() == 1),
+              "normkit bcn kernel: a num_batches_tracked counter with the running buffers");
   // The affines' sizes (the layer calls the kernel without Python checks of its own on them).
   TORCH_CHECK(weight.has_value() == bias.has_value() && gweight.has_value() == gbias.has_value(),
               "normkit bcn kernel: affines in pairs");
@@ -1198,11 +1219,13 @@ void ws_forward_impl(const Tensor& w, const Tensor& out, double* inv, double* di
       double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t i = 0; i < k; ++i) sum += static_cast<double>(row[i]) - first;
-      const double shift = first + sum * inv_k;  // the mean
+      // d = (w − first) − mean_shifted: the mean itself (first + mean_shifted) rounded to a
+      // double would lose up to ulp(|mean|) in every d of a filter far from zero.
+      const double ms = sum * inv_k;
       double sq = 0.0;
 #pragma omp simd reduction(+ : sq)
       for (int64_t i = 0; i < k; ++i) {
-        const double d = static_cast<double>(row[i]) - shift;
+        const double d = (static_cast<double>(row[i]) - first) - ms;
         sq += d * d;
       }
       const double v = sq / denom;
@@ -1222,7 +1245,7 @@ void ws_forward_impl(const Tensor& w, const Tensor& out, double* inv, double* di
       dinv[f] = dv;
 #pragma omp simd
       for (int64_t i = 0; i < k; ++i) {
-        orow[i] = static_cast<T>((static_cast<double>(row[i]) - shift) * iv);
+        orow[i] = static_cast<T>(((static_cast<double>(row[i]) - first) - ms) * iv);
       }
     }
   });
@@ -1312,7 +1335,10 @@ Tensor ws_reference(const Tensor& w, double eps, bool unbiased, int64_t mode) {
   const Tensor first = w.detach().reshape({w.size(0), -1}).narrow(1, 0, 1).reshape(keep);
   const Tensor shifted = w - first;
   const Tensor d = shifted - shifted.sum(dims, /*keepdim=*/true) / static_cast<double>(k);
-  const Tensor v = d.square().sum(dims, /*keepdim=*/true) / static_cast<double>(k - unbiased);
+  // The norm squared, as normkit.functional.standardize_parts computes it (the same second
+  // derivative, NaN included, for a constant filter).
+  const Tensor v = at::linalg_vector_norm(d, 2, dims, /*keepdim=*/true).square() /
+                   static_cast<double>(k - unbiased);
   if (mode == 0) return d * at::rsqrt(v + eps);
   if (mode == 1) return d / (at::sqrt(v) + eps);
   return d * at::rsqrt(at::clamp_min(v, eps));

@@ -199,10 +199,19 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
         """The training forward as one call of normkit's compiled kernel each way
         (:mod:`normkit.kernels`): moments, the batch part's statistics (and the update of the
         running statistics or of the estimates), the fold and the apply; a closed-form
-        backward. None (the PyTorch path runs) for buffers in another dtype than the input."""
-        b = self._buffers  # (not parametrizable: the lookup of nn.Module's attributes costs more)
-        rm, rv = b["running_mean"], b["running_var"]
-        if not kernels.in_dtype_already(x.dtype, rm, rv):
+        backward. None (the PyTorch path runs) for buffers in another dtype than the input, a
+        partial, strided or parametrized set of buffers, or an affine pair with one half
+        missing."""
+        b = self._buffers  # (the lookup of nn.Module's attributes costs more)
+        try:
+            rm, rv, counts = b["running_mean"], b["running_var"], b["num_batches_tracked"]
+        except KeyError:  # a parametrized buffer
+            return None
+        if not (
+            kernels.in_dtype_already(x.dtype, rm, rv)
+            and kernels.buffers_ok(rm, rv, counts)
+            and kernels.affines_paired(*params)
+        ):
             return None
         if not kernels.in_dtype_already(x.dtype, *params):
             params = kernels.in_dtype(x.dtype, *params)
@@ -211,7 +220,7 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
             *params,
             rm,
             rv,
-            b["num_batches_tracked"],
+            counts,
             self.num_groups,
             self.group_affine == "per_channel",
             self.estimate,

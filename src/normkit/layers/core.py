@@ -264,7 +264,8 @@ class _BatchNormCore(Synchronized, _BatchNorm):
         checks the kernel does not make itself; None for anything else, which :meth:`forward`'s
         full path then handles (and names any error of): eval, synchronized statistics,
         tracing, a rank or channel count the layer refuses, a single value per channel,
-        parameters or buffers in another dtype than the input, an index that is not a CPU
+        parameters or buffers in another dtype than the input, an affine pair with one half
+        missing, a partial set of running buffers or a strided one, an index that is not a CPU
         LongTensor. The kernel checks the index values and the affine shapes before anything
         changes; a failure there gets the layer's named error from :func:`check_index`.
 
@@ -288,7 +289,11 @@ class _BatchNormCore(Synchronized, _BatchNorm):
             rm, rv, counts = b["running_mean"], b["running_var"], b["num_batches_tracked"]
         except KeyError:
             return None
-        if not kernels.in_dtype_already(x.dtype, w, bias, dw, db, rm, rv):
+        if not (
+            kernels.in_dtype_already(x.dtype, w, bias, dw, db, rm, rv)
+            and kernels.affines_paired(w, bias, dw, db)
+            and kernels.buffers_ok(rm, rv, counts)
+        ):
             return None
         index, dom, groups, row = None, 0, 0, -1
         if self.split_stats or dw is not None:
@@ -308,8 +313,6 @@ class _BatchNormCore(Synchronized, _BatchNorm):
                 groups = self.num_domains if self.split_stats else 0
             else:
                 return None
-        if rm is None or rv is None or counts is None:
-            rm = rv = counts = None
         momentum = -1.0 if self.momentum is None else self.momentum
         try:
             out: Tensor = kernels.op("core_train")(
@@ -366,8 +369,13 @@ class _BatchNormCore(Synchronized, _BatchNorm):
 
     def _takes_kernel(self, params: tuple[Tensor | None, ...]) -> bool:
         """Whether the compiled kernel computes this layer's training forward with these
-        parameters (:meth:`_affines`): the core's folded affine, yes."""
-        return True
+        parameters (:meth:`_affines`): the core's folded affine in whole (scale, shift) pairs,
+        with running buffers all present and contiguous or all absent (anything else keeps the
+        PyTorch path's behaviour, errors included)."""
+        b = self._buffers
+        return kernels.affines_paired(*params[:4]) and kernels.buffers_ok(
+            b.get("running_mean"), b.get("running_var"), b.get("num_batches_tracked")
+        )
 
     def _kernel_forward(
         self, x: Tensor, domain: DomainIndex, params: tuple[Tensor | None, ...]

@@ -174,7 +174,7 @@ class _BatchRenorm(_BatchNormCore):
     def _takes_kernel(self, params: tuple[Tensor | None, ...]) -> bool:
         """Not while r and d are active: they depend on the batch statistics, which the kernel
         computes inside."""
-        return len(params) <= 4
+        return len(params) <= 4 and super()._takes_kernel(params)
 
     def _fast_norm_affine(
         self, x: Tensor, domain: DomainIndex, params: tuple[Tensor | None, ...]
