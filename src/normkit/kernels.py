@@ -202,16 +202,24 @@ def buffers_ok(*buffers: Tensor | None) -> bool:
     """Whether a layer's running buffers suit the kernels' in-place update: all absent (no
     running statistics), or all present and contiguous. A partial set or a strided buffer is
     left to the PyTorch path, which refuses or handles it as it always has."""
-    if all(t is None for t in buffers):
-        return True
-    return all(t is not None and t.is_contiguous() for t in buffers)
+    # (loops, not all() over generators: this runs on every forward)
+    absent = 0
+    for t in buffers:
+        if t is None:
+            absent += 1
+        elif not t.is_contiguous():
+            return False
+    return absent in (0, len(buffers))
 
 
 def affines_paired(*params: Tensor | None) -> bool:
     """Whether the affine parameters, in (scale, shift) pairs, come in whole pairs (a layer
     whose ``bias`` was set to None keeps only half of one): the kernels take only whole pairs,
     the PyTorch path ignores a lone half."""
-    return all((params[i] is None) == (params[i + 1] is None) for i in range(0, len(params), 2))
+    for i in range(0, len(params) - 1, 2):  # noqa: SIM110 (a loop: every forward runs this)
+        if (params[i] is None) != (params[i + 1] is None):
+            return False
+    return True
 
 
 def in_dtype_already(dtype: torch.dtype, *tensors: Tensor | None) -> bool:
