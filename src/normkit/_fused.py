@@ -429,6 +429,25 @@ def fast_paths_apply(x: Tensor) -> bool:
     return not (active is not None and active())
 
 
+def kernel_call_applies(layer: Any, x: Tensor, *, one_value_ok: bool = False) -> bool:
+    """The gates of a layer's short route into the compiled kernels (its ``_kernel_call``)
+    that the kernel does not check itself: training, ``fast``, an input the kernels take
+    (:func:`normkit.kernels.applies`) of a rank and channel count the layer accepts, more than
+    one value per channel (unless ``one_value_ok``), no synchronization, no tracing. Anything
+    else goes down the layer's full path, whose checks name the problem."""
+    return (
+        layer.training
+        and layer.fast
+        and type(x) is Tensor
+        and kernels.applies(x)
+        and x.dim() in layer._ranks
+        and x.shape[1] == layer.num_features
+        and x.numel() > (0 if one_value_ok else x.shape[1])
+        and not layer._syncing()
+        and fast_paths_apply(x)
+    )
+
+
 Fold = Callable[..., tuple[Tensor, Tensor]]
 
 

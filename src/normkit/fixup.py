@@ -61,15 +61,18 @@ __all__ = [
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
-def _scalar_for(p: Tensor, x: Tensor) -> Tensor:
-    """The ``(1,)`` parameter ``p`` as a 0-dim operand for ``x`` (the output keeps ``x``'s
-    shape, and a 0-dim CPU scalar combines with an input on any device, meta included), in
-    ``x``'s dtype. The cast only where needed: a no-op ``to`` is still one more operator call
-    per scalar per step, and those calls are most of what Fixup's scalars cost at small
+def _in_dtype(p: Tensor, dtype: torch.dtype) -> Tensor:
+    """``p`` in ``dtype``, cast only where needed: a no-op ``to`` is still one more operator
+    call per scalar per step, and those calls are most of what Fixup's scalars cost at small
     batches."""
-    if p.dtype != x.dtype:
-        p = p.to(x.dtype)
-    return p.reshape(())
+    return p if p.dtype == dtype else p.to(dtype)
+
+
+def _scalar_for(p: Tensor, x: Tensor) -> Tensor:
+    """The ``(1,)`` parameter ``p`` as a 0-dim operand for ``x`` in ``x``'s dtype (the output
+    keeps ``x``'s shape, and a 0-dim CPU scalar combines with an input on any device, meta
+    included)."""
+    return _in_dtype(p, x.dtype).reshape(())
 
 
 class Bias(nn.Module):

@@ -168,15 +168,23 @@ def is_available(verbose: bool = False) -> bool:
     return True
 
 
+def _kernel_tensor(t: Tensor) -> bool:
+    """Whether the kernels are enabled and ``t`` is of the kind they read: float32 or float64,
+    on the CPU (the cheapest tests first, no device object built: this runs on every
+    training forward with the kernels on)."""
+    if not _enabled or not t.is_cpu:
+        return False
+    dtype = t.dtype
+    return dtype is torch.float32 or dtype is torch.float64
+
+
 def applies(x: Tensor) -> bool:
     """Whether an enabled kernel takes the training forward of ``x``: a float32 or float64 CPU
     tensor of rank 3 to 5, contiguous or channels_last (the caller has checked the rest)."""
-    # (runs on every training forward with the kernels on: the cheapest tests first, no device
-    # object built)
-    if not _enabled or not x.is_cpu:
+    if not _kernel_tensor(x):
         return False
-    dtype, rank = x.dtype, x.dim()
-    if not (2 < rank < 6 and (dtype is torch.float32 or dtype is torch.float64)):
+    rank = x.dim()
+    if not 2 < rank < 6:
         return False
     if x.is_contiguous():
         return True
@@ -189,13 +197,7 @@ def takes_weight(w: Tensor) -> bool:
     """Whether an enabled kernel standardizes the weight ``w`` (a weight-standardized layer's,
     the caller has checked the rest): a non-empty float32 or float64 CPU tensor of rank 2 or
     more, in any layout (it is read contiguous or channels_last)."""
-    return (
-        _enabled
-        and w.is_cpu
-        and (w.dtype is torch.float32 or w.dtype is torch.float64)
-        and w.dim() >= 2
-        and w.numel() > 0
-    )
+    return w.dim() >= 2 and w.numel() > 0 and _kernel_tensor(w)
 
 
 def buffers_ok(*buffers: Tensor | None) -> bool:
@@ -235,7 +237,9 @@ def in_dtype_already(dtype: torch.dtype, *tensors: Tensor | None) -> bool:
 
 def in_dtype(dtype: torch.dtype, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     """``tensors`` (None kept) in ``dtype``, cast only where needed: the kernels read every
-    tensor in the input's dtype."""
+    tensor in the input's dtype. The usual case, nothing to cast, returns them as given."""
+    if in_dtype_already(dtype, *tensors):
+        return tensors
     return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
 
 

@@ -318,13 +318,8 @@ struct Index {
   int64_t g(int64_t n) const { return split ? idx[n] : 0; }
 };
 
-Index index_of(const Tensor& x, const optional<Tensor>& index, int64_t domain, int64_t groups) {
-  if (index.has_value()) {
-    TORCH_CHECK(index->scalar_type() == at::kLong && index->dim() == 1 &&
-                    index->size(0) == x.size(0) && index->is_contiguous(),
-                "normkit core kernel: index of shape (N,), int64");
-  }
-  TORCH_CHECK(groups == 0 || index.has_value(), "normkit core kernel: groups need an index");
+// (the index is a dense (N,) int64 tensor whose values check_core_args has checked)
+Index index_of(const optional<Tensor>& index, int64_t domain, int64_t groups) {
   return {index.has_value() ? index->data_ptr<int64_t>() : nullptr, domain, groups > 0};
 }
 
@@ -338,11 +333,7 @@ struct Counts {
 Counts count_groups(const Index& ix, int64_t n, int64_t ng, int64_t s) {
   Counts k{std::vector<int64_t>(ng, 0), std::vector<double>(ng, 0.0),
            std::vector<double>(ng, 0.0)};
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t g = ix.g(i);
-    TORCH_CHECK(g >= 0 && g < ng, "normkit core kernel: group index out of range");
-    k.samples[g] += 1;
-  }
+  for (int64_t i = 0; i < n; ++i) k.samples[ix.g(i)] += 1;
   for (int64_t g = 0; g < ng; ++g) {
     if (k.samples[g] > 0) {
       k.inv_samples[g] = 1.0 / static_cast<double>(k.samples[g]);
@@ -362,7 +353,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(
   const Shape d = shape_of(x, "normkit core kernel");
   const int64_t n = d.n, c = d.c, s = d.s;
   const int64_t ng = groups > 0 ? groups : 1;
-  const Index ix = index_of(x, index, domain, groups);
+  const Index ix = index_of(index, domain, groups);
   const Counts cnt = count_groups(ix, n, ng, s);
   auto opts = x.options();
   Tensor y = at::empty_like(x);
@@ -442,7 +433,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
   const Shape d = shape_of(x, "normkit core kernel");
   const int64_t n = d.n, c = d.c, s = d.s;
   const int64_t ng = groups > 0 ? groups : 1;
-  const Index ix = index_of(x, index, domain, groups);
+  const Index ix = index_of(index, domain, groups);
   const Counts cnt = count_groups(ix, n, ng, s);
   const Tensor gy = like(gy_in, d, x);
   const int64_t kd = dweight.has_value() ? dweight->size(0) : 0;
@@ -539,6 +530,7 @@ void check_core_args(const Tensor& x, const optional<Tensor>& weight,
     limit = std::min(limit, dweight->size(0));
   }
   if (!index.has_value()) {
+    TORCH_CHECK(groups == 0, "normkit core kernel: groups need an index");
     TORCH_CHECK(!dweight.has_value() || (domain >= 0 && domain < limit),
                 "normkit core kernel: domain out of range");
     return;
@@ -546,9 +538,8 @@ void check_core_args(const Tensor& x, const optional<Tensor>& weight,
   TORCH_CHECK(index->scalar_type() == at::kLong && index->dim() == 1 &&
                   index->size(0) == x.size(0) && index->device().is_cpu(),
               "normkit core kernel: an index of shape (N,), int64, on the CPU");
-  const Tensor dense_index = index->contiguous();
-  const int64_t* v = dense_index.data_ptr<int64_t>();
-  for (int64_t i = 0; i < dense_index.numel(); ++i) {
+  const int64_t* v = index->data_ptr<int64_t>();  // (dense: core_forward passes dense(index))
+  for (int64_t i = 0; i < index->numel(); ++i) {
     TORCH_CHECK(v[i] >= 0 && v[i] < limit, "normkit core kernel: index value out of range");
   }
 }
@@ -559,15 +550,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> core_forward(
     int64_t domain, int64_t groups, double eps, const optional<Tensor>& running_mean,
     const optional<Tensor>& running_var, const optional<Tensor>& num_batches_tracked, int64_t row,
     double momentum) {
-  check_core_args(x, weight, bias, dweight, dbias, index, domain, groups);
+  const optional<Tensor> idx = dense(index);
+  check_core_args(x, weight, bias, dweight, dbias, idx, domain, groups);
   if (x.scalar_type() == at::kDouble) {
-    return forward_impl<double>(x, dense(weight), dense(bias), dense(dweight), dense(dbias),
-                                dense(index), domain, groups, eps, running_mean, running_var,
+    return forward_impl<double>(x, dense(weight), dense(bias), dense(dweight), dense(dbias), idx,
+                                domain, groups, eps, running_mean, running_var,
                                 num_batches_tracked, row, momentum);
   }
-  return forward_impl<float>(x, dense(weight), dense(bias), dense(dweight), dense(dbias),
-                             dense(index), domain, groups, eps, running_mean, running_var,
-                             num_batches_tracked, row, momentum);
+  return forward_impl<float>(x, dense(weight), dense(bias), dense(dweight), dense(dbias), idx,
+                             domain, groups, eps, running_mean, running_var, num_batches_tracked,
+                             row, momentum);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> core_backward(

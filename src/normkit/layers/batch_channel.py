@@ -178,15 +178,7 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
         statistics, tracing, a rank or channel count the layer refuses, a single value per
         channel in the batch mode, a parametrized parameter (absent from the module's
         dictionary). Parameters in another dtype than the input are cast for the call."""
-        if not (self.training and self.fast and type(x) is Tensor and kernels.applies(x)):
-            return None
-        if (
-            x.dim() not in self._ranks
-            or x.shape[1] != self.num_features
-            or x.numel() <= (0 if self.estimate else x.shape[1])
-            or self._syncing()
-            or not _fused.fast_paths_apply(x)
-        ):
+        if not _fused.kernel_call_applies(self, x, one_value_ok=self.estimate):
             return None
         try:
             p = self._parameters
@@ -213,11 +205,9 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
             and kernels.affines_paired(*params)
         ):
             return None
-        if not kernels.in_dtype_already(x.dtype, *params):
-            params = kernels.in_dtype(x.dtype, *params)
         y: Tensor = kernels.op("bcn_forward")(
             x,
-            *params,
+            *kernels.in_dtype(x.dtype, *params),
             rm,
             rv,
             counts,

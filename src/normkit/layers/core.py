@@ -32,6 +32,7 @@ from normkit._fused import (
     batch_norm_train,
     core_kernel,
     fast_paths_apply,
+    kernel_call_applies,
     moment_scale_shift,
     norm_affine,
     sample_moments,
@@ -273,15 +274,7 @@ class _BatchNormCore(Synchronized, _BatchNorm):
         attribute lookup costs more per call than a small kernel); a parametrized one is
         absent there, and the full path runs.
         """
-        if not (self.training and self.fast and type(x) is Tensor and kernels.applies(x)):
-            return None
-        if (
-            x.dim() not in self._ranks
-            or x.shape[1] != self.num_features
-            or x.numel() <= x.shape[1]
-            or self._syncing()
-            or not fast_paths_apply(x)
-        ):
+        if not kernel_call_applies(self, x):
             return None
         try:
             p, b = self._parameters, self._buffers
@@ -295,25 +288,22 @@ class _BatchNormCore(Synchronized, _BatchNorm):
             and kernels.buffers_ok(rm, rv, counts)
         ):
             return None
-        index, dom, groups, row = None, 0, 0, -1
-        if self.split_stats or dw is not None:
+        if self.split_stats or dw is not None:  # (_needs_domain, from the dictionary's dw)
             if domain is None:
                 domain = self.context_domain
             if type(domain) is int:
                 if not 0 <= domain < self.num_domains:
                     return None
-                dom = domain
-                row = domain if self.split_stats else -1
-            elif (
+            elif not (
                 type(domain) is Tensor
                 and domain.dtype == torch.long
                 and domain.device.type == "cpu"
             ):
-                index = domain
-                groups = self.num_domains if self.split_stats else 0
-            else:
                 return None
-        momentum = -1.0 if self.momentum is None else self.momentum
+        else:
+            domain = 0
+        index, dom = (domain, 0) if isinstance(domain, Tensor) else (None, domain)
+        groups, row, momentum = self._kernel_rows(domain)
         try:
             out: Tensor = kernels.op("core_train")(
                 x, w, bias, dw, db, index, dom, groups, self.eps, rm, rv, counts, row, momentum
@@ -382,30 +372,40 @@ class _BatchNormCore(Synchronized, _BatchNorm):
     ) -> Tensor:
         """:meth:`_fast_norm_affine` as one call of the compiled kernel each way
         (:func:`normkit._fused.core_kernel`), the affines passed as they are."""
-        dtype = x.dtype
-        w, b, dw, db = kernels.in_dtype(dtype, *params)
-        per_sample = self.split_stats and isinstance(domain, Tensor)
-        groups = self.num_domains if per_sample else 0
+        w, b, dw, db = kernels.in_dtype(x.dtype, *params)
+        groups, row, momentum = self._kernel_rows(domain)
+        # (_takes_kernel: the three buffers are all present or all absent)
         rm, rv, counts = self.running_mean, self.running_var, self.num_batches_tracked
         running = None
         other_dtype = False
         if self.training and rm is not None and rv is not None and counts is not None:
-            # The kernel updates the buffers in the same call (one row of statistics per
-            # domain, or the whole batch's for (C,) buffers or for one domain's row) when they
-            # share the input's dtype; others take the PyTorch update below.
-            other_dtype = rm.dtype != dtype or rv.dtype != dtype
+            # The kernel updates the buffers in the same call when they share the input's
+            # dtype; others take the PyTorch update below.
+            other_dtype = not kernels.in_dtype_already(x.dtype, rm, rv)
             if not other_dtype:
-                row = domain if self.split_stats and isinstance(domain, int) else -1
-                momentum = -1.0 if self.momentum is None else self.momentum
                 running = (rm, rv, counts, row, momentum)
         y, mean, var, count = core_kernel(x, w, b, dw, db, domain, groups, self.eps, running)
         if other_dtype:
-            if per_sample:
+            if groups:  # per-sample split statistics
                 spatial = x.numel() // (x.shape[0] * x.shape[1])
                 self._update_running(mean, var, count * spatial)
             else:
                 self._track_whole_batch(mean[0], var[0], domain, x)
         return y
+
+    def _kernel_rows(self, domain: DomainIndex) -> tuple[int, int, float]:
+        """``(groups, row, momentum)`` of a kernel call: the number of statistics groups (the
+        domains, for a per-sample index with split statistics; 0 for the whole batch), the
+        buffer row an int domain's split statistics go to (-1: the statistics' own rows), and
+        the momentum (-1 for the cumulative average)."""
+        groups, row = 0, -1
+        if self.split_stats:
+            if isinstance(domain, Tensor):
+                groups = self.num_domains
+            else:
+                row = domain
+        momentum = -1.0 if self.momentum is None else self.momentum
+        return groups, row, momentum
 
     def _affines(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         """``(weight, bias, domain_weight, domain_bias)``, None for the parts that do not exist."""

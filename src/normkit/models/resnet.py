@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _nn_module
 
 from normkit._checks import check_count, check_input
-from normkit.fixup import Bias, Scale, fixup_init_, he_normal_fan_out_
+from normkit.fixup import Bias, Scale, _in_dtype, fixup_init_, he_normal_fan_out_
 
 __all__ = [
     "BasicBlock",
@@ -106,14 +106,9 @@ def _conv_then_scalars(
         out = conv(x)
         return bias(out if scale is None else scale(out))
     weight: Tensor = conv.weight
-    shift: Tensor = bias.bias
-    if shift.dtype != weight.dtype:
-        shift = shift.to(weight.dtype)
-    shift = shift.expand(conv.out_channels)
+    shift = _in_dtype(bias.bias, weight.dtype).expand(conv.out_channels)
     if scale is not None:
-        factor: Tensor = scale.weight
-        if factor.dtype != weight.dtype:
-            factor = factor.to(weight.dtype)
+        factor = _in_dtype(scale.weight, weight.dtype)
         weight = weight * factor
         if conv.bias is not None:
             shift = torch.addcmul(shift, conv.bias, factor)
