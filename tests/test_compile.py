@@ -9,6 +9,9 @@
 * ``torch.func.functional_call`` runs the layer on replacement parameters and buffers (gradients
   reach the replacements, running statistics update the replacements, the layer is untouched);
   ``torch.func.grad`` of such a call equals the autograd gradient.
+* Forward-mode AD (``torch.autograd.forward_ad``, tangents on the inputs and the parameters)
+  gives the Jacobian-vector product that reverse mode transposes, ``<g, J t> = <J^T g, t>``,
+  and leaves no tangent in a running buffer. (MABN refuses it in training, by name.)
 
 The layers come from ``tests/layer_table.py``.
 """
@@ -21,10 +24,12 @@ from typing import Any
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.func import functional_call
 
+import normkit as nk
 from tests.layer_table import BY_NAME, LAYERS, LayerRecord, layer_params, public_layer_classes
 
 # Train twice (buffers move, and the second step reads what the first wrote), then eval twice
@@ -264,3 +269,72 @@ def test_func_grad_of_functional_call_matches_autograd(
             torch.testing.assert_close(grads[k], p.grad, msg=lambda m, k=k: f"grad of {k}: {m}")
     for k, b in reference.named_buffers():
         torch.testing.assert_close(buffers[k], b, msg=lambda m, k=k: f"buffer {k}: {m}")
+
+
+def assert_forward_ad_matches_reverse(layer: nn.Module, args: Sequence[Any]) -> None:
+    """One forward-mode call of ``layer`` (float64) with random tangents on its float inputs and
+    trainable parameters: its output tangent ``J t`` satisfies ``<g, J t> = <J^T g, t>`` against
+    reverse mode from the same state, and no running buffer holds a tangent afterwards (one
+    that did would leak this batch's derivative into the next forward's statistics)."""
+    reverse = copy.deepcopy(layer)
+    gen = torch.Generator().manual_seed(11)
+
+    def tangent(t: Tensor) -> Tensor:
+        return torch.randn(t.shape, generator=gen, dtype=t.dtype)
+
+    arg_tangents = [tangent(a) if _is_float(a) else None for a in args]
+    params = {k: p.detach() for k, p in layer.named_parameters() if p.requires_grad}
+    param_tangents = {k: tangent(p) for k, p in params.items()}
+    with fwAD.dual_level():
+        duals = [a if t is None else fwAD.make_dual(a, t) for a, t in zip(args, arg_tangents)]
+        dual_params = {k: fwAD.make_dual(p, param_tangents[k]) for k, p in params.items()}
+        primal, jvp = fwAD.unpack_dual(functional_call(layer, dual_params, tuple(duals)))
+        carrying = [k for k, b in layer.named_buffers() if fwAD.unpack_dual(b).tangent is not None]
+    assert not carrying, f"buffers left holding a tangent: {carrying}"
+    assert jvp is not None
+    inputs = [a.detach().clone().requires_grad_() if _is_float(a) else a for a in args]
+    out = reverse(*inputs)
+    torch.testing.assert_close(primal, out.detach(), rtol=1e-12, atol=1e-12)
+    g = _cotangent(out)
+    leaves = [a for a in inputs if _is_float(a)]
+    leaves += [p for p in reverse.parameters() if p.requires_grad]
+    tangents = [t for t in arg_tangents if t is not None] + list(param_tangents.values())
+    grads = torch.autograd.grad(out, leaves, g, allow_unused=True)
+    terms = [(d * t).sum() for d, t in zip(grads, tangents, strict=True) if d is not None]
+    want = torch.stack(terms).sum()
+    scale = torch.stack(terms).abs().sum().item()
+    torch.testing.assert_close((g * jvp).sum(), want, rtol=0.0, atol=1e-11 * max(scale, 1.0))
+
+
+def _float64_case(rec: LayerRecord, kind: str | None, training: bool) -> tuple[nn.Module, tuple]:
+    layer = rec.build().double().train(training)
+    args = tuple(a.double() if _is_float(a) else a for a in rec.args(kind))
+    return layer, args
+
+
+FORWARD_AD_CASES = [
+    *(
+        pytest.param(*p.values, True, id=f"{p.id}-train")
+        for p in layer_params()
+        if p.values[0].cls is not nk.MovingAverageBatchNorm2d
+    ),
+    *(pytest.param(*p.values, False, id=f"{p.id}-eval") for p in layer_params()),
+]
+
+
+@pytest.mark.parametrize(("rec", "kind", "training"), FORWARD_AD_CASES)
+def test_forward_mode_ad_matches_reverse_mode(
+    rec: LayerRecord, kind: str | None, training: bool
+) -> None:
+    # The fused paths (and the kernels, tests/test_kernels.py) step aside inside a dual level:
+    # their custom functions have no jvp rule, the reference path's operators do.
+    assert_forward_ad_matches_reverse(*_float64_case(rec, kind, training))
+
+
+@pytest.mark.parametrize("rec", [r for r in LAYERS if r.cls is nk.MovingAverageBatchNorm2d])
+def test_mabn_refuses_forward_mode_ad_in_training_by_name(rec: LayerRecord) -> None:
+    layer, (x,) = _float64_case(rec, None, True)
+    with fwAD.dual_level():
+        layer(x)  # an open level alone is no reason to refuse: nothing carries a tangent
+        with pytest.raises(NotImplementedError, match="MovingAverageBatchNorm2d: forward-mode"):
+            layer(fwAD.make_dual(x, torch.ones_like(x)))

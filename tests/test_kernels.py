@@ -28,6 +28,7 @@ from normkit.layers.core import _BatchNormCore
 from normkit.layers.renorm import _BatchRenorm
 from tests.counting import count_calls
 from tests.layer_table import LAYERS, layer_params
+from tests.test_compile import _float64_case, assert_forward_ad_matches_reverse
 from tests.test_fast_paths import EXTRA, WS_CASES, WS_MODES, _compare, _ws_pair, _ws_run
 
 F64 = torch.float64
@@ -229,6 +230,26 @@ def test_bcn_keeps_the_pytorch_path_under_compile_and_vmap(kernel_calls: list[st
     untracked = nk.BatchChannelNorm2d(4, 2, track_running_stats=False).train()
     assert torch.func.vmap(untracked)(torch.randn(2, 3, 4, 5, 5)).shape == (2, 3, 4, 5, 5)
     assert not kernel_calls
+
+
+KERNEL_LAYERS = [r for r in LAYERS if r in RECORDS or issubclass(r.cls, nk.WSConv2d)]
+
+
+@pytest.mark.parametrize(("record", "kind"), layer_params(KERNEL_LAYERS, kinds=["per_sample"]))
+def test_forward_mode_ad_takes_the_pytorch_path(
+    record: Any, kind: str | None, kernel_calls: list[str]
+) -> None:
+    """The C++ autograd functions have no jvp; inside a forward-AD dual level the layers take
+    the reference path (they raised "jvp is not implemented" before), and the tangents match
+    reverse mode, which still runs the kernels."""
+    layer, args = _float64_case(record, kind, True)
+    assert_forward_ad_matches_reverse(layer, args)
+    assert kernel_calls or len(record.shapes[0]) == 2 or issubclass(record.cls, _BatchRenorm)
+    # (the kernel calls counted are reverse mode's: the dual-level forward made none)
+    with torch.autograd.forward_ad.dual_level():
+        before = len(kernel_calls)
+        layer(*(torch.autograd.forward_ad.make_dual(a, a) if a is args[0] else a for a in args))
+        assert len(kernel_calls) == before
 
 
 def test_a_failed_build_raises_and_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from normkit import functional as F
@@ -48,6 +49,7 @@ __all__ = [
     "centred_moments",
     "core_kernel",
     "fast_paths_apply",
+    "in_dual_level",
     "moment_scale_shift",
     "norm_affine",
     "sample_moments",
@@ -419,11 +421,18 @@ def _zeros_ones(size: int, like: Tensor) -> tuple[Tensor, Tensor]:
     return pair
 
 
+def in_dual_level() -> bool:
+    """Whether a ``torch.autograd.forward_ad.dual_level`` is open (forward-mode AD may run)."""
+    return getattr(_forward_ad, "_current_level", -1) >= 0
+
+
 def fast_paths_apply(x: Tensor) -> bool:
     """Whether the fused eager paths may run: not while tracing for ``torch.compile`` or
-    ``torch.export`` (which fuse the reference path themselves) and not under ``torch.func``
-    transforms (the custom functions define no vmap or jvp rule)."""
-    if torch.compiler.is_compiling():
+    ``torch.export`` (which fuse the reference path themselves), and neither under
+    ``torch.func`` transforms nor inside a ``torch.autograd.forward_ad.dual_level`` (the
+    custom functions, Python and C++, define no vmap or jvp rule; the reference path's ATen
+    operators do)."""
+    if torch.compiler.is_compiling() or in_dual_level():
         return False
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
     return not (active is not None and active())

@@ -129,6 +129,9 @@ def estimate_update_eager_(
     #197039 tracks the underlying bug). Eager code calls this function directly: calling a
     custom op from Python costs far more (about 0.1 ms) than these few small ops.
     """
+    # Detached: no_grad stops reverse-mode gradients but not forward-mode tangents, which would
+    # otherwise flow into the buffers and into the values this forward normalizes with.
+    mean, var = mean.detach(), var.detach()
     keep = present & torch.isfinite(mean) & torch.isfinite(var)  # never store NaN or Inf
     new_mean = torch.lerp(running_mean, mean.to(running_mean.dtype), rate)
     new_var = torch.lerp(running_var, var.to(running_var.dtype), rate)

@@ -18,6 +18,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.common_types import _size_2_t
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normkit import _fused
 from normkit import functional as F
 from normkit._checks import (
     check_count,
@@ -153,6 +154,14 @@ def _(
         torch.empty_like(step),
         torch.empty(step.shape, dtype=torch.bool, device=step.device),
     )
+
+
+def _forward_ad_in(*tensors: Tensor | None) -> bool:
+    """Whether a forward-mode AD level is open and one of ``tensors`` carries a tangent."""
+    if not _fused.in_dual_level() or torch.compiler.is_compiling():
+        return False
+    unpack = torch.autograd.forward_ad.unpack_dual
+    return any(t is not None and unpack(t).tangent is not None for t in tensors)
 
 
 class _MABNFunction(torch.autograd.Function):
@@ -501,6 +510,14 @@ class MovingAverageBatchNorm2d(Synchronized, _BatchNorm):
             self._verify_peers(fields, input.device)
         if not self.training or (input.numel() == 0 and not syncing):
             return self._eval_forward(input)
+        if _forward_ad_in(input, self.weight, self.bias):
+            # A named refusal instead of autograd's generic "implement the jvp function" (a jvp
+            # method that only raised would stop dynamo from tracing the function at all).
+            raise NotImplementedError(
+                f"{name}: forward-mode AD (torch.autograd.forward_ad) is not supported in "
+                "training: the training gradient is MABN's moving-average approximation, not "
+                "the derivative of the forward, so no jvp matches it. Eval mode supports it."
+            )
         psi2, r, slot, warm, count = self._step(input, syncing, update=not _recomputing())
         return _MABNFunction.apply(
             input,
