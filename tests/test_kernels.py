@@ -26,6 +26,7 @@ from normkit.layers import core
 from normkit.layers.batch_channel import _BatchChannelNorm
 from normkit.layers.core import _BatchNormCore
 from normkit.layers.renorm import _BatchRenorm
+from normkit.models import resnet
 from tests.counting import count_calls
 from tests.layer_table import LAYERS, layer_params
 from tests.test_compile import _float64_case, assert_forward_ad_matches_reverse
@@ -46,6 +47,7 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     count_calls(
         monkeypatch, _BatchChannelNorm, "_kernel_forward", calls, when=lambda y: y is not None
     )
+    count_calls(monkeypatch, resnet, "_fixup_block_kernel", calls, when=lambda y: y is not None)
     try:
         yield calls
     finally:
@@ -665,3 +667,206 @@ def test_ws_kernel_double_backward_of_a_constant_filter_matches(kernel_calls: li
         results.append((g1, g2))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, equal_nan=True)
+
+
+# ---- The Fixup basic block (fixup_basic) ----------------------------------------------------
+
+# (in, planes, stride, shortcut): identity; zero-pad and 1x1-conv downsampling; a 1x1 conv
+# that only widens.
+FIXUP_BLOCKS = [(4, 4, 1, "conv"), (4, 6, 2, "zero_pad"), (4, 6, 2, "conv"), (4, 6, 1, "conv")]
+
+
+def _fixup_block(cin: int, planes: int, stride: int, shortcut: str, dtype: torch.dtype = F64):
+    """A Fixup basic block with every parameter away from its init (scalars included: zero
+    biases and a unit scale would hide a scalar the kernel forgets)."""
+    torch.manual_seed(0)
+    block = resnet.FixupBasicBlock(cin, planes, stride, shortcut=shortcut).to(dtype)  # type: ignore[arg-type]
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(0.3 * torch.randn_like(p) + (0.4 if p.numel() == 1 else 0.0))
+    return block
+
+
+def _fixup_run(block: torch.nn.Module, x: Tensor, on: bool) -> tuple[Tensor, list[Tensor]]:
+    """Output and the gradients of the input and every parameter, kernels on or off."""
+    (kernels.enable if on else kernels.disable)()
+    xi = x.detach().clone().requires_grad_()
+    out = block(xi)
+    g = torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype).reshape(out.shape)
+    grads = torch.autograd.grad(out, [xi, *block.parameters()], g)
+    return out, list(grads)
+
+
+def _assert_fixup_kernel_matches(block: torch.nn.Module, x: Tensor, **tol: float) -> None:
+    out, grads = _fixup_run(block, x, True)
+    want_out, want_grads = _fixup_run(block, x, False)
+    kernels.enable()  # (the fixture turns them off again)
+    torch.testing.assert_close(out, want_out, **tol)
+    assert out.is_contiguous(memory_format=torch.channels_last) == want_out.is_contiguous(
+        memory_format=torch.channels_last
+    )
+    names = ["input", *(n for n, _ in block.named_parameters())]
+    for name, got, want in zip(names, grads, want_grads, strict=True):
+        torch.testing.assert_close(got, want, **tol, msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(("cin", "planes", "stride", "shortcut"), FIXUP_BLOCKS)
+def test_fixup_block_kernel_equals_the_modules(
+    cin: int,
+    planes: int,
+    stride: int,
+    shortcut: str,
+    channels_last: bool,
+    kernel_calls: list[str],
+) -> None:
+    block = _fixup_block(cin, planes, stride, shortcut)
+    x = torch.randn(3, cin, 7, 6, dtype=F64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    _assert_fixup_kernel_matches(block, x, rtol=1e-10, atol=1e-10)
+    assert kernel_calls == ["_fixup_block_kernel"]
+
+
+def test_fixup_block_kernel_in_float32_is_as_accurate_as_the_modules(
+    kernel_calls: list[str],
+) -> None:
+    """float32, on more values than one parallel task and one summing chunk (8,192): against
+    the float64 result, the kernel's error is within a small factor of the modules' own
+    float32 error (the two round differently: the scale is applied after conv2 rather than
+    folded into its weight, so a pre-activation within rounding of 0 may switch a ReLU)."""
+    block = _fixup_block(8, 8, 1, "conv")
+    x = torch.randn(4, 8, 40, 40, dtype=F64)
+    want_out, want_grads = _fixup_run(block, x, False)
+    block.float()
+    results = [_fixup_run(block, x.float(), on) for on in (True, False)]
+    kernels.enable()
+    (out, grads), (mod_out, mod_grads) = results
+    names = ["output", "input", *(n for n, _ in block.named_parameters())]
+    for name, got, mod, want in zip(
+        names, [out, *grads], [mod_out, *mod_grads], [want_out, *want_grads], strict=True
+    ):
+        scale = want.abs().max().item()
+        err, mod_err = (
+            (got.double() - want).abs().max().item(),
+            (mod.double() - want).abs().max().item(),
+        )
+        assert err <= 4 * mod_err + 1e-6 * scale, (
+            f"{name}: {err:.2e} against the modules' {mod_err:.2e}"
+        )
+    assert kernel_calls == ["_fixup_block_kernel"]
+
+
+def test_fixup_block_kernel_passes_nan_as_the_modules_do(kernel_calls: list[str]) -> None:
+    block = _fixup_block(4, 4, 1, "conv")
+    x = torch.randn(2, 4, 5, 5, dtype=F64)
+    x[0, 1, 2, 3] = float("nan")
+    out, grads = _fixup_run(block, x, True)
+    want_out, want_grads = _fixup_run(block, x, False)
+    torch.testing.assert_close(out, want_out, equal_nan=True)
+    torch.testing.assert_close(grads[0], want_grads[0], equal_nan=True)
+    assert kernel_calls == ["_fixup_block_kernel"]
+
+
+@pytest.mark.parametrize("identity", [True, False], ids=["identity", "shortcut"])
+def test_fixup_kernel_gradcheck_and_gradgradcheck(identity: bool) -> None:
+    kernels.build()
+    op = kernels.op("fixup_basic")
+    block = _fixup_block(3, 3 if identity else 5, 1 if identity else 2, "zero_pad")
+    x = torch.randn(2, 3, 4, 4, dtype=F64, requires_grad=True)
+    w1, w2 = block.conv1.weight, block.conv2.weight
+    b1b, b2a, s, b2b = block.bias1b.bias, block.bias2a.bias, block.scale.weight, block.bias2b.bias
+    if identity:
+
+        def f(*a: Tensor) -> Tensor:
+            return op(a[0], None, a[1], a[2], a[3], a[4], a[5], a[6], a[7], 1)
+
+        args: tuple[Tensor, ...] = (x, block.bias1a.bias, w1, b1b, b2a, w2, s, b2b)
+    else:
+        shortcut = torch.randn(2, 5, 2, 2, dtype=F64, requires_grad=True)
+
+        def f(*a: Tensor) -> Tensor:
+            return op(a[0], a[1], None, a[2], a[3], a[4], a[5], a[6], a[7], 2)
+
+        args = (x, shortcut, w1, b1b, b2a, w2, s, b2b)
+    assert gradcheck(f, args)
+    assert gradgradcheck(f, args)
+
+
+def test_fixup_resnet20_with_the_kernel_equals_without(kernel_calls: list[str]) -> None:
+    torch.manual_seed(0)
+    model = nk.models.resnet20(fixup=True).to(F64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 3, 8, 8, dtype=F64)
+    _assert_fixup_kernel_matches(model, x, rtol=1e-10, atol=1e-10)
+    assert len(kernel_calls) == 9  # every block, the two downsampling ones included
+    want = _fixup_run(model, x, False)[0].detach()
+    kernel_calls.clear()
+    kernels.enable()
+    with torch.no_grad():  # no graph: the operator's plain CPU entry
+        torch.testing.assert_close(model(x), want, rtol=1e-10, atol=1e-10)
+    assert len(kernel_calls) == 9
+
+
+def _hook(module: torch.nn.Module) -> None:
+    module.register_forward_hook(lambda *args: None)
+
+
+# Each spoils one condition of the kernel; the block then runs its modules.
+FIXUP_SPOILERS: dict[str, Any] = {
+    "hooked conv1": lambda b, x: (_hook(b.conv1), x)[1],
+    "hooked bias2a": lambda b, x: (_hook(b.bias2a), x)[1],
+    "ws conv2": lambda b, x: (
+        setattr(b, "conv2", nk.WSConv2d(4, 4, 3, padding=1, bias=False).to(F64)),
+        x,
+    )[1],
+    "conv1 with a bias": lambda b, x: (
+        setattr(b.conv1, "bias", torch.nn.Parameter(torch.ones(4, dtype=F64))),
+        x,
+    )[1],
+    "bfloat16": lambda b, x: (b.bfloat16(), x.bfloat16())[1],
+    "parametrized scale": lambda b, x: (
+        torch.nn.utils.parametrize.register_parametrization(b.scale, "weight", torch.nn.Identity()),
+        x,
+    )[1],
+}
+
+
+@pytest.mark.parametrize("spoiler", list(FIXUP_SPOILERS))
+def test_fixup_blocks_the_kernel_does_not_take_run_their_modules(
+    spoiler: str, kernel_calls: list[str]
+) -> None:
+    block = _fixup_block(4, 4, 1, "conv")
+    x = FIXUP_SPOILERS[spoiler](block, torch.randn(2, 4, 5, 5, dtype=F64))
+    out, grads = _fixup_run(block, x, True)
+    want_out, want_grads = _fixup_run(block, x, False)
+    assert "_fixup_block_kernel" not in kernel_calls  # (a WS conv2 runs the WS kernel)
+    torch.testing.assert_close(out, want_out, rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_fixup_kernel_refuses_bad_arguments_by_name() -> None:
+    kernels.build()
+    op = kernels.op("fixup_basic")
+    block = _fixup_block(4, 4, 1, "conv")
+    ps = (block.conv1.weight, block.bias1b.bias, block.bias2a.bias, block.conv2.weight)
+    last = (block.scale.weight, block.bias2b.bias)
+    x = torch.randn(2, 4, 5, 5, dtype=F64)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="exactly one of bias1a"):
+        op(x, x, block.bias1a.bias, *ps, *last, 1)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="conv1's weight"):
+        op(x[:, :3], None, block.bias1a.bias, *ps, *last, 1)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="input's dtype"):
+        op(x.float(), None, block.bias1a.bias.float(), *ps, *last, 1)
+
+
+def test_fixup_block_under_forward_mode_ad_runs_its_modules(kernel_calls: list[str]) -> None:
+    block = _fixup_block(4, 4, 1, "conv")
+    x = torch.randn(2, 4, 5, 5, dtype=F64)
+    with torch.autograd.forward_ad.dual_level():
+        block(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)))
+    assert not kernel_calls
+    assert_forward_ad_matches_reverse(block, (x,))  # (its reverse half runs the kernel)

@@ -56,7 +56,8 @@ class KernelBuildError(RuntimeError):
     """The kernels could not be compiled or loaded (no compiler, no ninja, a build error)."""
 
 
-_SOURCE = Path(__file__).parent / "csrc" / "core.cpp"
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("core.cpp", "fixup.cpp")]
+_OPS = ("core_forward", "core_train", "bcn_forward", "ws_standardize", "fixup_basic")
 _FLAGS = ["-O3", "-fopenmp", "-march=native", "-fno-math-errno"]
 
 _loaded = False
@@ -74,7 +75,8 @@ def _build_name() -> str:
             cpu += next((line for line in f if line.startswith("flags")), "")
     except OSError:
         pass
-    key = "|".join([_SOURCE.read_text(encoding="utf-8"), " ".join(_FLAGS), torch.__version__, cpu])
+    sources = [path.read_text(encoding="utf-8") for path in _SOURCES]
+    key = "|".join([*sources, " ".join(_FLAGS), torch.__version__, cpu])
     return "normkit_kernels_" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -92,7 +94,8 @@ def _find_ninja() -> None:
 def _registered() -> bool:
     """Whether this process already holds the operators (a build loaded earlier, by this
     module or by hand)."""
-    return hasattr(torch.ops.normkit_kernels, "core_forward")
+    namespace = torch.ops.normkit_kernels
+    return all(hasattr(namespace, name) for name in _OPS)
 
 
 def build(verbose: bool = False) -> None:
@@ -112,7 +115,7 @@ def build(verbose: bool = False) -> None:
         _find_ninja()
         cpp_extension.load(
             name=_build_name(),
-            sources=[str(_SOURCE)],
+            sources=[str(path) for path in _SOURCES],
             extra_cflags=_FLAGS,
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
@@ -129,7 +132,7 @@ def build(verbose: bool = False) -> None:
 
 def _remember_ops() -> None:
     namespace = torch.ops.normkit_kernels
-    for name in ("core_forward", "core_train", "bcn_forward", "ws_standardize"):
+    for name in _OPS:
         _ops[name] = getattr(namespace, name).default
 
 

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _nn_module
 
+from normkit import _fused, kernels
 from normkit._checks import check_count, check_input
 from normkit.fixup import Bias, Scale, _in_dtype, fixup_init_, he_normal_fan_out_
 
@@ -115,6 +116,69 @@ def _conv_then_scalars(
     elif conv.bias is not None:
         shift = conv.bias + shift
     return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _plain_3x3(conv: nn.Module, stride: int | None = 1) -> bool:
+    """Whether ``conv`` is a plain bias-free 3x3 ``nn.Conv2d`` with zero padding 1 and the
+    given stride (None: any stride, the same along both axes): the convolution the Fixup block
+    kernel computes."""
+    return (
+        type(conv) is nn.Conv2d
+        and conv._parameters.get("bias") is None
+        and conv.kernel_size == (3, 3)
+        and conv.padding == (1, 1)
+        and conv.stride[0] == conv.stride[1] == (conv.stride[0] if stride is None else stride)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
+
+
+def _fixup_block_kernel(block: FixupBasicBlock, x: Tensor) -> Tensor | None:
+    """The block as one call of normkit's compiled kernel (``fixup_basic``) where it applies,
+    else None: kernels enabled, a float32/float64 CPU 4D input (contiguous or channels_last)
+    outside tracing, ``torch.func`` and forward-mode AD, no autocast, plain 3x3 convolutions,
+    exact ``Bias``/``Scale`` modules (a parametrization changes their class), no hooks on any
+    of them, every parameter in the input's dtype and on the CPU. Equal to the modules'
+    composition up to float rounding.
+
+    (Submodules and parameters are read from ``_modules``/``_parameters``: ``nn.Module``'s
+    attribute lookup costs about half a microsecond each, and this runs on every forward.)
+    """
+    if not (x.dim() == 4 and kernels.applies(x) and _fused.fast_paths_apply(x)):
+        return None
+    m = block._modules
+    c1: Any = m["conv1"]  # checked to be an nn.Conv2d below
+    c2: Any = m["conv2"]
+    a1, b1, a2 = m["bias1a"], m["bias1b"], m["bias2a"]
+    sc, b2 = m["scale"], m["bias2b"]
+    if not (
+        type(a1) is Bias
+        and type(b1) is Bias
+        and type(a2) is Bias
+        and type(sc) is Scale
+        and type(b2) is Bias
+        and _plain_3x3(c1, None)
+        and _plain_3x3(c2)
+        and _unhooked(c1, c2, a1, b1, a2, sc, b2)
+        and not torch.is_autocast_enabled("cpu")
+    ):
+        return None
+    w1, w2 = c1._parameters["weight"], c2._parameters["weight"]
+    bias1a, bias1b, bias2a = a1._parameters["bias"], b1._parameters["bias"], a2._parameters["bias"]
+    scale, bias2b = sc._parameters["weight"], b2._parameters["bias"]
+    dtype = x.dtype
+    for p in (w1, w2, bias1a, bias1b, bias2a, scale, bias2b):
+        if p is None or p.dtype is not dtype or not p.is_cpu:
+            return None
+    fixup_basic = kernels.op("fixup_basic")
+    stride = c1.stride[0]
+    if block.downsample is None:
+        out: Tensor = fixup_basic(x, None, bias1a, w1, bias1b, bias2a, w2, scale, bias2b, stride)
+        return out
+    a = a1(x)
+    out = fixup_basic(a, block.downsample(a), None, w1, bias1b, bias2a, w2, scale, bias2b, stride)
+    return out
 
 
 def _norm(norm_layer: NormLayer | None, channels: int) -> nn.Module:
@@ -326,6 +390,10 @@ class FixupBasicBlock(_ResidualBlock):
         return x if self.downsample is None else self.downsample(self.bias1a(x))
 
     def forward(self, x: Tensor) -> Tensor:
+        if kernels._enabled:
+            out = _fixup_block_kernel(self, x)
+            if out is not None:
+                return out
         a = self.bias1a(x)
         s = x if self.downsample is None else self.downsample(a)
         return F.relu(self._branch(a) + s)
