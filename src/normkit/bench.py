@@ -1265,7 +1265,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kernels",
         action="store_true",
         help="run normkit's layers through its compiled CPU kernels (normkit.kernels; "
-        "compiled on first use, about 20 s; needs a C++ compiler and ninja)",
+        "compiled on first use, about 40 s; needs a C++ compiler and ninja)",
     )
     parser.add_argument(
         "--system-malloc",

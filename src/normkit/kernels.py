@@ -1,15 +1,17 @@
 """normkit's own compiled CPU kernels: optional, built on demand, off by default.
 
 The layers run on pure PyTorch everywhere. On a machine with a C++ compiler (and ninja),
-:func:`enable` compiles ``normkit/csrc/core.cpp`` once with ``torch.utils.cpp_extension``
-(about 20 s; later processes load the cached build in well under a second), registers its
-operators with the dispatcher as ``torch.ops.normkit_kernels.*``, and turns them on: from then
-on the eager training forward and backward of the batch-norm core (Sandwich BN, CCBN, AuxBN,
-:class:`normkit.SyncBatchNorm` without a process group, InputNorm, BNET's normalization) and of
-Batch-Channel Normalization (both modes) on float32 and float64 CPU inputs of rank 3 to 5,
-contiguous or channels_last, each run as one operator call instead of dozens, its autograd node
-in C++ too; and the weight standardization of the WS layers (every eager computation of a
-float32/float64 CPU weight). Everything else (other dtypes, GPU tensors, the norms' eval mode,
+:func:`enable` compiles ``normkit/csrc/core.cpp`` and ``csrc/fixup.cpp`` once with
+``torch.utils.cpp_extension`` (about 40 s on 2 cores; later processes load the cached build in
+well under a second), registers their operators with the dispatcher as
+``torch.ops.normkit_kernels.*``, and turns them on: from then on the eager training forward and
+backward of the batch-norm core (Sandwich BN, CCBN, AuxBN, :class:`normkit.SyncBatchNorm`
+without a process group, InputNorm, BNET's normalization) and of Batch-Channel Normalization
+(both modes) on float32 and float64 CPU inputs of rank 3 to 5, contiguous or channels_last,
+each run as one operator call instead of dozens, its autograd node in C++ too; the weight
+standardization of the WS layers (every eager computation of a float32/float64 CPU weight);
+and Fixup's basic block, both convolutions included (:class:`normkit.models.FixupBasicBlock`
+in its standard form). Everything else (other dtypes, GPU tensors, the norms' eval mode,
 synchronized statistics, batch renormalization, ``torch.compile``/``torch.export`` tracing)
 keeps the PyTorch path.
 

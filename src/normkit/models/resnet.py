@@ -357,6 +357,10 @@ class FixupBasicBlock(_ResidualBlock):
     is a :class:`~normkit.Bias` (``bias1a.bias``) or :class:`~normkit.Scale` (``scale.weight``).
     Branch init (by the network, which knows ``L``): ``conv1`` He ``fan_out`` times
     ``L ** -0.5``, ``conv2`` zero.
+
+    With :mod:`normkit.kernels` enabled, the standard block (plain 3x3 convolutions, these exact
+    scalar modules, no hooks, a float32/float64 CPU input) runs as one compiled operator, the
+    scalars folded into the passes between the convolutions; any other block runs its modules.
     """
 
     expansion = 1
