@@ -722,10 +722,16 @@ def test_fixup_block_kernel_equals_the_modules(
 ) -> None:
     block = _fixup_block(cin, planes, stride, shortcut)
     x = torch.randn(3, cin, 7, 6, dtype=F64)
-    if channels_last:
+    if channels_last:  # the model converted too, as torch's guide does it
         x = x.contiguous(memory_format=torch.channels_last)
+        block = block.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     _assert_fixup_kernel_matches(block, x, rtol=1e-10, atol=1e-10)
     assert kernel_calls == ["_fixup_block_kernel"]
+    # The weights' gradients come in the weights' layout.
+    _, grads = _fixup_run(block, x, True)
+    kernels.enable()
+    for p, g in zip(block.parameters(), grads[1:], strict=True):
+        assert g.stride() == p.stride()
 
 
 def test_fixup_block_kernel_in_float32_is_as_accurate_as_the_modules(

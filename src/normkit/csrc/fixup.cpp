@@ -122,6 +122,18 @@ void add_range(T* __restrict__ p, const T* __restrict__ q, int64_t n) {
   for (int64_t i = 0; i < n; ++i) p[i] += q[i];
 }
 
+// dw ← G · s over [0, n); returns Σ G · w (conv2's weight gradient and the scale's).
+template <typename T>
+double weight_grads_range(const T* __restrict__ gw, const T* __restrict__ w, T* __restrict__ dw,
+                          int64_t n, T s) {
+  double total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    dw[i] = gw[i] * s;
+    total += static_cast<double>(gw[i]) * static_cast<double>(w[i]);
+  }
+  return total;
+}
+
 template <typename T>
 void inner_forward(Tensor& y, Tensor& mask, T b1b, T b2a) {
   T* p = y.data_ptr<T>();
@@ -323,8 +335,16 @@ class FixupFunction : public torch::autograd::Function<FixupFunction> {
       auto [gi2, gw2, unused2] = at::convolution_backward(
           g, h2, w2, std::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1,
           {true, need_w2, false});
-      if (needs[6]) result[6] = gw2 * s.reshape({});
-      if (needs[7]) result[7] = at::sum(gw2 * w2).reshape({1});
+      if (need_w2) {  // one pass over the weight for both (weight-sized: no need to split it)
+        const auto format = w2.suggest_memory_format();  // the gradient in the weight's layout
+        const Tensor gw = gw2.contiguous(format), w = w2.contiguous(format);
+        Tensor dw = at::empty_like(gw);
+        const double ds = weight_grads_range<scalar_t>(
+            gw.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), gw.numel(),
+            value<scalar_t>(s));
+        if (needs[6]) result[6] = dw;
+        if (needs[7]) result[7] = at::full({1}, ds, s.options());
+      }
       gi2 = like(gi2, mask);
       const auto inner = inner_backward<scalar_t>(gi2, mask, value<scalar_t>(s));
       if (needs[5]) result[5] = at::full({1}, inner[0], s.options());
