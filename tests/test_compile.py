@@ -12,6 +12,9 @@
 * Forward-mode AD (``torch.autograd.forward_ad``, tangents on the inputs and the parameters)
   gives the Jacobian-vector product that reverse mode transposes, ``<g, J t> = <J^T g, t>``,
   and leaves no tangent in a running buffer. (MABN refuses it in training, by name.)
+* ``create_graph=True`` leaves first-order gradients unchanged, for the layer applied twice
+  (its second input then depends on its own parameters: a custom function's double-backward
+  path must not follow that dependency itself).
 
 The layers come from ``tests/layer_table.py``.
 """
@@ -338,3 +341,50 @@ def test_mabn_refuses_forward_mode_ad_in_training_by_name(rec: LayerRecord) -> N
         layer(x)  # an open level alone is no reason to refuse: nothing carries a tangent
         with pytest.raises(NotImplementedError, match="MovingAverageBatchNorm2d: forward-mode"):
             layer(fwAD.make_dual(x, torch.ones_like(x)))
+
+
+def first_order_grads_with_and_without_create_graph(
+    layer: nn.Module, args: Sequence[Any]
+) -> tuple[list[Tensor | None], list[Tensor | None]]:
+    """The gradients of the input and every trainable parameter of ``layer`` applied twice
+    (``layer(layer(x, *rest), *rest)``, from the same state each time), with ``create_graph``
+    off and on."""
+    x, rest = args[0], args[1:]
+    results = []
+    for create_graph in (False, True):
+        twin = copy.deepcopy(layer)
+        xi = x.detach().clone().requires_grad_()
+        out = twin(twin(xi, *rest), *rest)
+        leaves = [xi, *(p for p in twin.parameters() if p.requires_grad)]
+        grads = torch.autograd.grad(
+            (out * _cotangent(out)).sum(), leaves, create_graph=create_graph, allow_unused=True
+        )
+        results.append(list(grads))
+    return results[0], results[1]
+
+
+def assert_create_graph_changes_no_gradient(layer: nn.Module, args: Sequence[Any]) -> None:
+    plain, graphed = first_order_grads_with_and_without_create_graph(layer, args)
+    for i, (g, h) in enumerate(zip(plain, graphed, strict=True)):
+        assert (g is None) == (h is None)
+        if g is not None:
+            torch.testing.assert_close(
+                h, g, rtol=1e-10, atol=1e-10, msg=lambda m, i=i: f"leaf {i}: {m}"
+            )
+
+
+def _keeps_shape(rec: LayerRecord) -> bool:
+    return rec.double_backward and rec.cls not in (
+        nk.WSConv1d,
+        nk.WSConv2d,
+        nk.WSConv3d,
+        nk.WSLinear,
+        nk.ScaledWSConv2d,
+        nk.CenConv2d,
+    )
+
+
+@pytest.mark.parametrize(("rec", "kind"), layer_params([r for r in LAYERS if _keeps_shape(r)]))
+def test_create_graph_changes_no_first_order_gradient(rec: LayerRecord, kind: str | None) -> None:
+    layer, args = _float64_case(rec, kind, True)
+    assert_create_graph_changes_no_gradient(layer, args)

@@ -29,7 +29,11 @@ from normkit.layers.renorm import _BatchRenorm
 from normkit.models import resnet
 from tests.counting import count_calls
 from tests.layer_table import LAYERS, layer_params
-from tests.test_compile import _float64_case, assert_forward_ad_matches_reverse
+from tests.test_compile import (
+    _float64_case,
+    assert_create_graph_changes_no_gradient,
+    assert_forward_ad_matches_reverse,
+)
 from tests.test_fast_paths import EXTRA, WS_CASES, WS_MODES, _compare, _ws_pair, _ws_run
 
 F64 = torch.float64
@@ -876,3 +880,125 @@ def test_fixup_block_under_forward_mode_ad_runs_its_modules(kernel_calls: list[s
         block(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)))
     assert not kernel_calls
     assert_forward_ad_matches_reverse(block, (x,))  # (its reverse half runs the kernel)
+
+
+@pytest.mark.parametrize(("cin", "planes", "stride", "shortcut"), FIXUP_BLOCKS)
+def test_fixup_kernel_create_graph_changes_no_gradient(
+    cin: int, planes: int, stride: int, shortcut: str, kernel_calls: list[str]
+) -> None:
+    """With create_graph the operator's backward differentiates the block's composition; it
+    must stop at the operator's inputs (a downsampling block's shortcut is a function of its
+    input: following it there as well counted that path twice)."""
+    block = _fixup_block(cin, planes, stride, shortcut)
+    x = torch.randn(2, cin, 5, 6, dtype=F64)
+    grads = []
+    for on, create_graph in ((True, False), (True, True), (False, False)):
+        (kernels.enable if on else kernels.disable)()
+        xi = x.clone().requires_grad_()
+        out = block(xi)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=F64).reshape(out.shape)).sum()
+        grads.append(
+            torch.autograd.grad(loss, [xi, *block.parameters()], create_graph=create_graph)
+        )
+    kernels.enable()
+    plain, graphed, modules = grads
+    for g, h, m in zip(plain, graphed, modules, strict=True):
+        torch.testing.assert_close(g, m, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(h, m, rtol=1e-10, atol=1e-10)
+    assert len(kernel_calls) == 2
+
+
+@pytest.mark.parametrize("tie", ["conv weights", "scalars"])
+def test_fixup_kernel_with_tied_parameters(tie: str, kernel_calls: list[str]) -> None:
+    """One tensor passed as two of the operator's inputs gets both gradients, once each."""
+    block = _fixup_block(4, 4, 1, "conv")
+    if tie == "conv weights":
+        block.conv2.weight = block.conv1.weight
+    else:
+        block.bias2a.bias = block.bias1b.bias
+    x = torch.randn(2, 4, 5, 5, dtype=F64)
+    _assert_fixup_kernel_matches(block, x, rtol=1e-10, atol=1e-10)
+    kernel_calls.clear()
+    kernels.enable()
+    x.requires_grad_()
+    out = block(x)
+    graphed = torch.autograd.grad(out.square().sum(), [x, *block.parameters()], create_graph=True)
+    kernels.disable()
+    out = block(x)
+    plain = torch.autograd.grad(out.square().sum(), [x, *block.parameters()])
+    for g, h in zip(graphed, plain, strict=True):
+        torch.testing.assert_close(g, h, rtol=1e-10, atol=1e-10)
+    assert kernel_calls == ["_fixup_block_kernel"]
+
+
+def test_fixup_backward_hooks_still_fire(kernel_calls: list[str]) -> None:
+    block = _fixup_block(4, 4, 1, "conv")
+    fired: list[str] = []
+    block.bias2a.register_full_backward_hook(lambda *args: fired.append("bias2a"))
+    _fixup_run(block, torch.randn(2, 4, 5, 5, dtype=F64), True)
+    assert fired == ["bias2a"]
+    assert not kernel_calls
+
+
+class _Pooled(torch.nn.Module):
+    """A shortcut the modules broadcast in their final addition: (N, C, 1, 1)."""
+
+    calls = 0
+
+    def forward(self, a: Tensor) -> Tensor:
+        _Pooled.calls += 1
+        return a[:, :, ::2, ::2].mean((2, 3), keepdim=True)
+
+
+def test_fixup_custom_downsample_output_is_added_as_the_modules_do(
+    kernel_calls: list[str],
+) -> None:
+    block = _fixup_block(4, 4, 2, "conv")
+    block.downsample = _Pooled()
+    x = torch.randn(2, 4, 6, 6, dtype=F64)
+    _Pooled.calls = 0
+    _assert_fixup_kernel_matches(block, x, rtol=1e-10, atol=1e-10)
+    # Once per forward (kernels on, then off), never twice: with the kernels on, the route
+    # finishes with the modules once it sees a shortcut the operator does not take.
+    assert _Pooled.calls == 2
+
+
+def test_fixup_kernel_saves_only_what_its_backward_reads(kernel_calls: list[str]) -> None:
+    """As with the modules: a bias changed in place between forward and backward is no error,
+    and neither is an inference-mode input."""
+    block = _fixup_block(4, 4, 1, "conv")
+    x = torch.randn(2, 4, 5, 5, dtype=F64, requires_grad=True)
+    out = block(x)
+    with torch.no_grad():
+        block.bias2a.bias.add_(1.0)
+        block.bias1a.bias.add_(1.0)
+    out.sum().backward()
+    with torch.inference_mode():
+        frozen = torch.randn(2, 4, 5, 5, dtype=F64)
+    block(frozen).sum().backward()
+    assert kernel_calls == ["_fixup_block_kernel", "_fixup_block_kernel"]
+
+
+def test_fixup_kernel_reads_a_negated_view_with_its_sign() -> None:
+    kernels.build()
+    op = kernels.op("fixup_basic")
+    block = _fixup_block(4, 4, 1, "conv")
+    p = [block.bias1a.bias, block.conv1.weight, block.bias1b.bias, block.bias2a.bias]
+    q = [block.conv2.weight, block.scale.weight, block.bias2b.bias]
+    x = torch.randn(2, 4, 5, 5, dtype=F64)
+    with torch.no_grad():
+        negated = torch._neg_view(-block.bias2b.bias)
+        want = op(x, None, *p, *q, 1)
+        got = op(x, None, *p, *q[:2], negated, 1)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("record", "kind"), layer_params(RECORDS, kinds=["per_sample"]))
+def test_kernel_create_graph_changes_no_first_order_gradient(
+    record: Any, kind: str | None, kernel_calls: list[str]
+) -> None:
+    """The layer applied twice (its second input then depends on its own parameters): the
+    operators' create_graph path must stop at their inputs (it counted that path twice)."""
+    layer, args = _float64_case(record, kind, True)
+    assert_create_graph_changes_no_gradient(layer, args)
+    assert kernel_calls or len(record.shapes[0]) == 2 or issubclass(record.cls, _BatchRenorm)

@@ -170,6 +170,15 @@ def _reference(
     return F.apply_scale_shift(x, scale, shift)
 
 
+def aliases(*values: Any) -> list[Any]:
+    """Fresh view nodes of the tensors among ``values`` (others as they are), for a nested
+    gradient that must stop at a custom function's inputs. Taken w.r.t. the inputs themselves, a
+    create_graph backward would also follow any path between them (the same layer applied
+    twice makes its second input a function of its weight) and count that path once inside the
+    function and again in the outer backward."""
+    return [v.view_as(v) if isinstance(v, Tensor) else v for v in values]
+
+
 def _reference_grads(
     ctx: Any,
     x: Tensor,
@@ -182,8 +191,9 @@ def _reference_grads(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of :func:`_reference` with ``create_graph=True`` (double backward)."""
     needs = ctx.needs_input_grad[:3]
-    wanted = [t for t, need in zip((x, w, b), needs) if need and t is not None]
     with torch.enable_grad():
+        x, w, b = aliases(x, w, b)
+        wanted = [t for t, need in zip((x, w, b), needs) if need and t is not None]
         y = _reference(x, w, b, groups, k, eps)
         grads = iter(torch.autograd.grad(y, wanted, gy, create_graph=True))
     dx, dw, db = (next(grads) if need and t is not None else None
@@ -618,6 +628,7 @@ class _MomentScaleShift(torch.autograd.Function):
             # create_graph=True: differentiate the reference composition, whose second
             # derivatives see the moments as functions of x.
             with torch.enable_grad():
+                x, *params = aliases(x, *params)
                 mm, qq = F.sample_moments(x)
                 scale, shift = _fold_full(ctx.fold, mm, qq, tuple(params))
                 y = F.apply_scale_shift(x, scale, shift)

@@ -844,20 +844,35 @@ Needs input_needs(torch::autograd::AutogradContext* ctx, const Inputs& in) {
   return needs;
 }
 
+// Fresh alias nodes of the saved inputs for a nested gradient that must stop at this operator's
+// inputs: taken w.r.t. the inputs themselves it would also follow any path between them (the
+// same layer applied twice makes its second input a function of its weight; a Fixup block's
+// shortcut is a function of its input) and count that path here and again in the outer
+// backward.
+template <size_t K>
+std::array<Tensor, K> aliases(const std::array<Tensor, K>& in) {
+  std::array<Tensor, K> out;
+  for (size_t i = 0; i < K; ++i) {
+    if (in[i].defined()) out[i] = in[i].view_as(in[i]);
+  }
+  return out;
+}
+
 // With grad mode on in backward (create_graph), the gradients of the reference composition
-// `reference()` instead of the kernel's, so that they can be differentiated again. `out` has one
-// slot per forward argument; the first five are the inputs'.
+// `reference(inputs)` instead of the kernel's, so that they can be differentiated again. `out`
+// has one slot per forward argument; the first five are the inputs'.
 template <typename Reference>
-torch::autograd::variable_list reference_grads(const Inputs& in, const Needs& needs,
+torch::autograd::variable_list reference_grads(const Inputs& saved, const Needs& needs,
                                                const Tensor& gy, size_t num_args,
                                                Reference reference) {
   torch::autograd::variable_list out(num_args);
   torch::autograd::variable_list wanted;
+  const Inputs in = aliases(saved);
   for (size_t i = 0; i < in.size(); ++i) {
     if (needs[i]) wanted.push_back(in[i]);
   }
   if (wanted.empty()) return out;
-  auto got = torch::autograd::grad({reference()}, wanted, {gy}, /*retain_graph=*/std::nullopt,
+  auto got = torch::autograd::grad({reference(in)}, wanted, {gy}, /*retain_graph=*/std::nullopt,
                                    /*create_graph=*/true, /*allow_unused=*/true);
   size_t j = 0;
   for (size_t i = 0; i < in.size(); ++i) {
@@ -882,7 +897,7 @@ torch::autograd::variable_list kernel_grads(
 optional<Tensor> given(const Tensor& t) { return t.defined() ? optional<Tensor>(t) : std::nullopt; }
 
 // The backward of either operator (both take 14 arguments): with grad mode on, the gradients of
-// `reference()`; else `kernel(needs)`'s five gradients.
+// `reference(inputs)`; else `kernel(needs)`'s five gradients.
 template <typename Reference, typename Kernel>
 torch::autograd::variable_list backward_of(torch::autograd::AutogradContext* ctx,
                                            const Inputs& in, const Tensor& gy,
@@ -1005,8 +1020,9 @@ class BcnFunction : public torch::autograd::Function<BcnFunction> {
     const double eps = ctx->saved_data["eps"].toDouble();
     return backward_of(
         ctx, in, grads[0],
-        [&] {
-          return bcn_reference(x, w, b, gw, gb, mean, var, groups, per_channel, estimate, eps);
+        [&](const Inputs& a) {
+          return bcn_reference(a[0], a[1], a[2], a[3], a[4], mean, var, groups, per_channel,
+                               estimate, eps);
         },
         [&](const Needs& needs) {
           const optional<Tensor> wc = dense(given(w)), bc = dense(given(b)), gwc = dense(given(gw));
@@ -1133,7 +1149,10 @@ class CoreFunction : public torch::autograd::Function<CoreFunction<kStats>> {
     const int64_t groups = ctx->saved_data["groups"].toInt();
     const double eps = ctx->saved_data["eps"].toDouble();
     return backward_of(
-        ctx, in, grads[0], [&] { return reference(x, w, b, dw, db, index, domain, groups, eps); },
+        ctx, in, grads[0],
+        [&](const Inputs& a) {
+          return reference(a[0], a[1], a[2], a[3], a[4], index, domain, groups, eps);
+        },
         [&](const Needs& needs) {
           return core_backward(grads[0], x, given(w), given(b), given(dw), given(index), domain,
                                groups, mean, var, eps, needs);

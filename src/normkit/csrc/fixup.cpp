@@ -200,10 +200,10 @@ void check_args(const Tensor& x, const optional<Tensor>& shortcut, const optiona
   TORCH_CHECK(b1a.has_value() != shortcut.has_value(),
               "fixup_basic: expected exactly one of bias1a (identity shortcut) and shortcut");
   TORCH_CHECK(stride >= 1, "fixup_basic: expected stride >= 1, got ", stride);
-  const int64_t planes = w1.size(0);
   TORCH_CHECK(w1.dim() == 4 && w1.size(1) == x.size(1) && w1.size(2) == 3 && w1.size(3) == 3,
               "fixup_basic: expected conv1's weight of shape (P, ", x.size(1), ", 3, 3), got ",
               w1.sizes());
+  const int64_t planes = w1.size(0);
   TORCH_CHECK(w2.dim() == 4 && w2.size(0) == planes && w2.size(1) == planes &&
                   w2.size(2) == 3 && w2.size(3) == 3,
               "fixup_basic: expected conv2's weight of shape (", planes, ", ", planes,
@@ -227,9 +227,11 @@ void check_args(const Tensor& x, const optional<Tensor>& shortcut, const optiona
   }
 }
 
+// A one-value tensor's value (a negated view, from torch._neg_view, stores the other sign).
 template <typename T>
 T value(const Tensor& t) {
-  return t.data_ptr<T>()[0];
+  const T v = t.data_ptr<T>()[0];
+  return t.is_neg() ? -v : v;
 }
 
 // ---- Forward -----------------------------------------------------------------------------------
@@ -285,33 +287,56 @@ class FixupFunction : public torch::autograd::Function<FixupFunction> {
       const Tensor& w2, const Tensor& s, const Tensor& b2b, int64_t stride) {
     at::AutoDispatchBelowADInplaceOrView guard;
     Forward f = fixup_forward(x, shortcut, b1a, w1, b1b, b2a, w2, s, b2b, stride);
+    // What the first-order backward reads is saved for backward (checked for in-place changes);
+    // the inputs only the create_graph path reads are kept as plain references, so that, as
+    // with the modules (which save none of them), an inference-mode input or a bias changed in
+    // place before backward is no error.
+    ctx->save_for_backward({w1, w2, s, f.out, f.a, f.h2, f.mask});
     const Tensor none;
-    ctx->save_for_backward({x, shortcut.value_or(none), b1a.value_or(none), w1, b1b, b2a, w2, s,
-                            b2b, f.out, f.a, f.h2, f.mask});
+    ctx->saved_data["x"] = x;
+    ctx->saved_data["shortcut"] = shortcut.value_or(none);
+    ctx->saved_data["b1a"] = b1a.value_or(none);
+    ctx->saved_data["b1b"] = b1b;
+    ctx->saved_data["b2a"] = b2a;
+    ctx->saved_data["b2b"] = b2b;
     ctx->saved_data["stride"] = stride;
     return {f.out};
+  }
+
+  static Tensor kept(torch::autograd::AutogradContext* ctx, const char* name) {
+    const c10::IValue& v = ctx->saved_data[name];
+    return v.isTensor() ? v.toTensor() : Tensor();
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const int64_t stride = ctx->saved_data["stride"].toInt();
+    const std::array<Tensor, kInputs> inputs{
+        kept(ctx, "x"),   kept(ctx, "shortcut"), kept(ctx, "b1a"), saved[0], kept(ctx, "b1b"),
+        kept(ctx, "b2a"), saved[1],              saved[2],         kept(ctx, "b2b")};
     torch::autograd::variable_list result(kArgs);
     // Graph edges exist for the tensors given, in order.
     std::array<bool, kInputs> needs{};
     size_t edge = 0;
     for (size_t i = 0; i < kInputs; ++i) {
-      if (saved[i].defined()) needs[i] = ctx->needs_input_grad(edge++);
+      if (inputs[i].defined()) needs[i] = ctx->needs_input_grad(edge++);
     }
     const Tensor& gout = grads[0];
     if (!gout.defined()) return result;
     if (at::GradMode::is_enabled()) {  // create_graph: gradients that can be differentiated
+      // Fresh alias nodes: the nested gradient must stop at this operator's inputs. Taken w.r.t.
+      // the inputs themselves it would also follow any path between them (the shortcut is a
+      // function of x in a downsampling block; a tied weight is two inputs) and count that path
+      // here and again in the outer backward.
+      std::array<Tensor, kInputs> in;
       torch::autograd::variable_list wanted;
       for (size_t i = 0; i < kInputs; ++i) {
-        if (needs[i]) wanted.push_back(saved[i]);
+        if (inputs[i].defined()) in[i] = inputs[i].view_as(inputs[i]);
+        if (needs[i]) wanted.push_back(in[i]);
       }
-      const Tensor ref = fixup_reference(saved[0], saved[1], saved[2], saved[3], saved[4],
-                                         saved[5], saved[6], saved[7], saved[8], stride);
+      const Tensor ref =
+          fixup_reference(in[0], in[1], in[2], in[3], in[4], in[5], in[6], in[7], in[8], stride);
       auto got = torch::autograd::grad({ref}, wanted, {gout}, /*retain_graph=*/std::nullopt,
                                        /*create_graph=*/true, /*allow_unused=*/true);
       size_t j = 0;
@@ -320,9 +345,9 @@ class FixupFunction : public torch::autograd::Function<FixupFunction> {
       }
       return result;
     }
-    const Tensor &w2 = saved[6], &s = saved[7], &out = saved[9], &a = saved[10];
-    const Tensor &h2 = saved[11], &mask = saved[12];
-    const bool identity = saved[2].defined();
+    const Tensor &w1 = saved[0], &w2 = saved[1], &s = saved[2], &out = saved[3], &a = saved[4];
+    const Tensor &h2 = saved[5], &mask = saved[6];
+    const bool identity = inputs[2].defined();
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "fixup_basic_backward", [&] {
       const Tensor go = like(gout.to(out.scalar_type()), out);
       Tensor g = at::empty_like(out);
@@ -352,7 +377,7 @@ class FixupFunction : public torch::autograd::Function<FixupFunction> {
       const bool need_a = needs[0] || needs[2];
       if (!need_a && !needs[3]) return;
       auto [gi1, gw1, unused1] = at::convolution_backward(
-          gi2, a, saved[3], std::nullopt, {stride, stride}, {1, 1}, {1, 1}, false, {0, 0}, 1,
+          gi2, a, w1, std::nullopt, {stride, stride}, {1, 1}, {1, 1}, false, {0, 0}, 1,
           {need_a, needs[3], false});
       if (needs[3]) result[3] = gw1;
       if (!need_a) return;

@@ -82,10 +82,20 @@ def _conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
 
 
 def _unhooked(*modules: nn.Module) -> bool:
-    """Whether calling these modules runs only their ``forward`` (no hooks on them, none global)."""
-    if _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
+    """Whether calling these modules runs only their ``forward``: no forward or backward hooks
+    on them, none global (a fused computation that skips their calls would skip the hooks)."""
+    g = _nn_module
+    if (
+        g._global_forward_hooks
+        or g._global_forward_pre_hooks
+        or g._global_backward_hooks
+        or g._global_backward_pre_hooks
+    ):
         return False
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    for m in modules:
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return False
+    return True
 
 
 def _conv_then_scalars(
@@ -145,7 +155,9 @@ def _fixup_block_kernel(block: FixupBasicBlock, x: Tensor) -> Tensor | None:
     (Submodules and parameters are read from ``_modules``/``_parameters``: ``nn.Module``'s
     attribute lookup costs about half a microsecond each, and this runs on every forward.)
     """
-    if not (x.dim() == 4 and kernels.applies(x) and _fused.fast_paths_apply(x)):
+    if not (
+        type(x) is Tensor and x.dim() == 4 and kernels.applies(x) and _fused.fast_paths_apply(x)
+    ):
         return None
     m = block._modules
     c1: Any = m["conv1"]  # checked to be an nn.Conv2d below
@@ -164,9 +176,14 @@ def _fixup_block_kernel(block: FixupBasicBlock, x: Tensor) -> Tensor | None:
         and not torch.is_autocast_enabled("cpu")
     ):
         return None
-    w1, w2 = c1._parameters["weight"], c2._parameters["weight"]
-    bias1a, bias1b, bias2a = a1._parameters["bias"], b1._parameters["bias"], a2._parameters["bias"]
-    scale, bias2b = sc._parameters["weight"], b2._parameters["bias"]
+    # (.get: a weight replaced by a plain tensor attribute or a buffer is not in _parameters)
+    w1, w2 = c1._parameters.get("weight"), c2._parameters.get("weight")
+    bias1a, bias1b = a1._parameters.get("bias"), b1._parameters.get("bias")
+    bias2a, scale, bias2b = (
+        a2._parameters.get("bias"),
+        sc._parameters.get("weight"),
+        b2._parameters.get("bias"),
+    )
     dtype = x.dtype
     for p in (w1, w2, bias1a, bias1b, bias2a, scale, bias2b):
         if p is None or p.dtype is not dtype or not p.is_cpu:
@@ -177,7 +194,18 @@ def _fixup_block_kernel(block: FixupBasicBlock, x: Tensor) -> Tensor | None:
         out: Tensor = fixup_basic(x, None, bias1a, w1, bias1b, bias2a, w2, scale, bias2b, stride)
         return out
     a = a1(x)
-    out = fixup_basic(a, block.downsample(a), None, w1, bias1b, bias2a, w2, scale, bias2b, stride)
+    shortcut = block.downsample(a)
+    expected = (
+        x.shape[0],
+        w1.shape[0],
+        (x.shape[2] - 1) // stride + 1,
+        (x.shape[3] - 1) // stride + 1,
+    )
+    if type(shortcut) is not Tensor or shortcut.dtype is not dtype or shortcut.shape != expected:
+        # A custom downsample whose output the modules broadcast or promote: finish with them
+        # (returning None would call the downsample a second time).
+        return F.relu(block._branch(a) + shortcut)
+    out = fixup_basic(a, shortcut, None, w1, bias1b, bias2a, w2, scale, bias2b, stride)
     return out
 
 
