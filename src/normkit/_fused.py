@@ -45,6 +45,7 @@ __all__ = [
     "MOMENT_PATH_MIN_NUMEL",
     "ClosedFold",
     "affine3",
+    "aliases",
     "batch_norm_train",
     "centred_moments",
     "core_kernel",

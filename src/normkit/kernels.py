@@ -59,6 +59,7 @@ class KernelBuildError(RuntimeError):
 
 
 _SOURCES = [Path(__file__).parent / "csrc" / name for name in ("core.cpp", "fixup.cpp")]
+_HEADERS = [Path(__file__).parent / "csrc" / "autograd_common.h"]  # (in the build name's hash)
 _OPS = ("core_forward", "core_train", "bcn_forward", "ws_standardize", "fixup_basic")
 _FLAGS = ["-O3", "-fopenmp", "-march=native", "-fno-math-errno"]
 
@@ -77,7 +78,7 @@ def _build_name() -> str:
             cpu += next((line for line in f if line.startswith("flags")), "")
     except OSError:
         pass
-    sources = [path.read_text(encoding="utf-8") for path in _SOURCES]
+    sources = [path.read_text(encoding="utf-8") for path in [*_SOURCES, *_HEADERS]]
     key = "|".join([*sources, " ".join(_FLAGS), torch.__version__, cpu])
     return "normkit_kernels_" + hashlib.sha256(key.encode()).hexdigest()[:16]
 

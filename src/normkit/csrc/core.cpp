@@ -24,6 +24,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "autograd_common.h"
+
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -834,52 +836,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bcn_backward_impl(
 using Inputs = std::array<Tensor, 5>;
 using Needs = std::array<bool, 5>;
 
-// Which inputs need a gradient (graph edges exist for the tensors that were given, in order).
-Needs input_needs(torch::autograd::AutogradContext* ctx, const Inputs& in) {
-  Needs needs{};
-  size_t edge = 0;
-  for (size_t i = 0; i < in.size(); ++i) {
-    if (in[i].defined()) needs[i] = ctx->needs_input_grad(edge++);
-  }
-  return needs;
-}
-
-// Fresh alias nodes of the saved inputs for a nested gradient that must stop at this operator's
-// inputs: taken w.r.t. the inputs themselves it would also follow any path between them (the
-// same layer applied twice makes its second input a function of its weight; a Fixup block's
-// shortcut is a function of its input) and count that path here and again in the outer
-// backward.
-template <size_t K>
-std::array<Tensor, K> aliases(const std::array<Tensor, K>& in) {
-  std::array<Tensor, K> out;
-  for (size_t i = 0; i < K; ++i) {
-    if (in[i].defined()) out[i] = in[i].view_as(in[i]);
-  }
-  return out;
-}
-
-// With grad mode on in backward (create_graph), the gradients of the reference composition
-// `reference(inputs)` instead of the kernel's, so that they can be differentiated again. `out`
-// has one slot per forward argument; the first five are the inputs'.
-template <typename Reference>
-torch::autograd::variable_list reference_grads(const Inputs& saved, const Needs& needs,
-                                               const Tensor& gy, size_t num_args,
-                                               Reference reference) {
-  torch::autograd::variable_list out(num_args);
-  torch::autograd::variable_list wanted;
-  const Inputs in = aliases(saved);
-  for (size_t i = 0; i < in.size(); ++i) {
-    if (needs[i]) wanted.push_back(in[i]);
-  }
-  if (wanted.empty()) return out;
-  auto got = torch::autograd::grad({reference(in)}, wanted, {gy}, /*retain_graph=*/std::nullopt,
-                                   /*create_graph=*/true, /*allow_unused=*/true);
-  size_t j = 0;
-  for (size_t i = 0; i < in.size(); ++i) {
-    if (needs[i]) out[i] = got[j++];
-  }
-  return out;
-}
+using normkit_autograd::input_needs;
+using normkit_autograd::reference_grads;
 
 // The kernel's five gradients in the first slots of `num_args`, those not needed left empty.
 torch::autograd::variable_list kernel_grads(

@@ -13,9 +13,10 @@
 // calls: an addition for each bias, a gradient sum for each, a node each in the autograd graph.
 // Here the scalars ride along with passes that run anyway. Forward: one pass after conv1
 // (add b1b, relu, add b2a, keep the relu's mask as bytes) and one after conv2 (scale, add b2b
-// and the shortcut, relu). Backward: one pass for the outer relu that
-// also sums ∂b2b, one for the inner relu that also sums ∂b2a and ∂b1b, and (identity shortcut)
-// one that adds the shortcut's gradient and sums ∂b1a. The convolutions are ATen's.
+// and the shortcut, relu). Backward: one pass for the outer relu that also sums ∂b2b, one for
+// the inner relu that also sums ∂b2a and ∂b1b, (identity shortcut) one that adds the shortcut's
+// gradient and sums ∂b1a, and one over conv2's weight for its gradient and the scale's. The
+// convolutions are ATen's.
 //
 // Sums run over fixed chunks of the flat tensor (so the result does not depend on the thread
 // count) in kLanes float lanes flushed to double per chunk.
@@ -24,6 +25,8 @@
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include "autograd_common.h"
 
 #include <algorithm>
 #include <array>
@@ -315,36 +318,17 @@ class FixupFunction : public torch::autograd::Function<FixupFunction> {
     const std::array<Tensor, kInputs> inputs{
         kept(ctx, "x"),   kept(ctx, "shortcut"), kept(ctx, "b1a"), saved[0], kept(ctx, "b1b"),
         kept(ctx, "b2a"), saved[1],              saved[2],         kept(ctx, "b2b")};
-    torch::autograd::variable_list result(kArgs);
-    // Graph edges exist for the tensors given, in order.
-    std::array<bool, kInputs> needs{};
-    size_t edge = 0;
-    for (size_t i = 0; i < kInputs; ++i) {
-      if (inputs[i].defined()) needs[i] = ctx->needs_input_grad(edge++);
-    }
+    const auto needs = normkit_autograd::input_needs(ctx, inputs);
     const Tensor& gout = grads[0];
-    if (!gout.defined()) return result;
+    if (!gout.defined()) return torch::autograd::variable_list(kArgs);
     if (at::GradMode::is_enabled()) {  // create_graph: gradients that can be differentiated
-      // Fresh alias nodes: the nested gradient must stop at this operator's inputs. Taken w.r.t.
-      // the inputs themselves it would also follow any path between them (the shortcut is a
-      // function of x in a downsampling block; a tied weight is two inputs) and count that path
-      // here and again in the outer backward.
-      std::array<Tensor, kInputs> in;
-      torch::autograd::variable_list wanted;
-      for (size_t i = 0; i < kInputs; ++i) {
-        if (inputs[i].defined()) in[i] = inputs[i].view_as(inputs[i]);
-        if (needs[i]) wanted.push_back(in[i]);
-      }
-      const Tensor ref =
-          fixup_reference(in[0], in[1], in[2], in[3], in[4], in[5], in[6], in[7], in[8], stride);
-      auto got = torch::autograd::grad({ref}, wanted, {gout}, /*retain_graph=*/std::nullopt,
-                                       /*create_graph=*/true, /*allow_unused=*/true);
-      size_t j = 0;
-      for (size_t i = 0; i < kInputs; ++i) {
-        if (needs[i]) result[i] = got[j++];
-      }
-      return result;
+      return normkit_autograd::reference_grads(
+          inputs, needs, gout, kArgs, [&](const std::array<Tensor, kInputs>& in) {
+            return fixup_reference(in[0], in[1], in[2], in[3], in[4], in[5], in[6], in[7], in[8],
+                                   stride);
+          });
     }
+    torch::autograd::variable_list result(kArgs);
     const Tensor &w1 = saved[0], &w2 = saved[1], &s = saved[2], &out = saved[3], &a = saved[4];
     const Tensor &h2 = saved[5], &mask = saved[6];
     const bool identity = inputs[2].defined();

@@ -422,7 +422,7 @@ class FixupBasicBlock(_ResidualBlock):
         return x if self.downsample is None else self.downsample(self.bias1a(x))
 
     def forward(self, x: Tensor) -> Tensor:
-        if kernels._enabled:
+        if kernels.is_enabled():
             out = _fixup_block_kernel(self, x)
             if out is not None:
                 return out
