@@ -4,7 +4,8 @@
   compiled layer matches eager over training and eval steps: outputs, input and parameter
   gradients, and buffers, with an SGD step between calls so that a graph holding stale weights
   or statistics would be caught. The eager backend runs for every layer; inductor, which
-  functionalizes the buffer updates and generates C++ kernels, for SaBN, BCN and WSConv2d.
+  functionalizes the buffer updates and generates C++ (or, on CUDA, Triton) kernels, for SaBN,
+  BCN and WSConv2d, on every device of `tests/devices.py`.
 * channels_last input gives channels_last output and gradients equal to those of contiguous input.
 * ``torch.func.functional_call`` runs the layer on replacement parameters and buffers (gradients
   reach the replacements, running statistics update the replacements, the layer is untouched);
@@ -33,6 +34,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch.func import functional_call
 
 import normkit as nk
+from tests.devices import DEVICES, place
 from tests.layer_table import BY_NAME, LAYERS, LayerRecord, layer_params, public_layer_classes
 
 # Train twice (buffers move, and the second step reads what the first wrote), then eval twice
@@ -58,7 +60,7 @@ def _cotangent(out: Tensor) -> Tensor:
     # Not all ones: a uniform upstream gradient is orthogonal to much of a normalization's
     # Jacobian (the input gradient of a batch norm under sum() is exactly 0).
     g = torch.Generator().manual_seed(7)
-    return torch.randn(out.shape, generator=g, dtype=out.dtype)
+    return torch.randn(out.shape, generator=g, dtype=out.dtype).to(out.device)
 
 
 def _forward_backward(layer: nn.Module, args: Sequence[Any]) -> tuple[Tensor, list[Tensor]]:
@@ -104,9 +106,9 @@ def _assert_same_state(got: nn.Module, want: nn.Module, where: str, tol: str = "
 
 
 def _assert_compiled_matches_eager(
-    rec: LayerRecord, kind: str | None, backend: str, tol: str
+    rec: LayerRecord, kind: str | None, backend: str, tol: str, device: str = "cpu"
 ) -> None:
-    layer = rec.build()
+    layer = rec.build().to(device)
     eager = copy.deepcopy(layer)
     if tol == "exact" and hasattr(eager, "fast"):
         # Traced code takes the reference path (normkit._fused.fast_paths_apply); the exact
@@ -119,7 +121,7 @@ def _assert_compiled_matches_eager(
         where = f"step {step} ({'train' if training else 'eval'})"
         layer.train(training)
         eager.train(training)
-        args = rec.args(kind, seed=step)
+        args = place(rec.args(kind, seed=step), device)
         out, grads = _forward_backward(compiled, args)
         want_out, want_grads = _forward_backward(eager, args)
         _assert_close(out, want_out, f"{where}: output", tol)
@@ -167,9 +169,10 @@ INDUCTOR_CASES = [
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("rec", "kind"), INDUCTOR_CASES)
-def test_fullgraph_inductor_matches_eager(rec: LayerRecord, kind: str | None) -> None:
-    _assert_compiled_matches_eager(rec, kind, "inductor", "scaled")
+def test_fullgraph_inductor_matches_eager(rec: LayerRecord, kind: str | None, device: str) -> None:
+    _assert_compiled_matches_eager(rec, kind, "inductor", "scaled", device)
 
 
 def _channels_last(a: Any) -> Any:
