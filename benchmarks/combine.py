@@ -104,6 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: combine.py RUN.json [RUN.json ...]", file=sys.stderr)
         return 2
     runs = [json.loads(Path(p).read_text()) for p in paths]
+    for path, run in zip(paths, runs):
+        if run.get("complete") is False:
+            # A run stopped early: its rows are real, but the others are missing from it.
+            print(f"combine.py: {path} is an incomplete run", file=sys.stderr)
     sys.stdout.write(combine(runs))
     return 0
 

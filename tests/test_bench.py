@@ -123,6 +123,40 @@ def test_cli_bench_smoke(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> 
     assert sorted(t["metric"] for t in sabn["targets"]) == ["memory", "time"]
 
 
+def test_json_holds_the_rows_so_far_when_the_run_is_stopped(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--json`` is rewritten after every group of rows, so a run stopped early (a time limit,
+    Ctrl-C) leaves the rows it measured, marked incomplete; a finished run is marked complete."""
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--layers", "sabn,wsconv,frn", "--shapes", TINY, "--formats", "contiguous"]
+    assert cli.main([*argv, *FAST, "--json", str(path)]) == 0
+    capsys.readouterr()
+    finished = json.loads(path.read_text())
+    assert finished["complete"] is True
+    layers = [r["layer"] for r in finished["rows"]]
+    assert list(dict.fromkeys(layers)) == ["sabn", "wsconv", "frn"]
+
+    rows_for = bench._rows_for
+    groups = []
+
+    def stop_at_the_third(*args: Any) -> list[bench.Row]:
+        groups.append(args[0].key)
+        if len(groups) == 3:
+            raise KeyboardInterrupt
+        return rows_for(*args)
+
+    monkeypatch.setattr(bench, "_rows_for", stop_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main([*argv, *FAST, "--json", str(path)])
+    partial = json.loads(path.read_text())
+    assert partial["complete"] is False
+    done = [layer for layer in layers if layer != "frn"]
+    assert [r["layer"] for r in partial["rows"]] == done
+    assert all(r["error"] is None and r["ratio"] > 0 for r in partial["rows"])
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no scratch file left
+
+
 def test_kernels_option_runs_the_layers_through_the_kernels(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

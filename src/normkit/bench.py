@@ -106,6 +106,7 @@ __all__ = [
     "summarize",
     "time_pair",
     "to_json",
+    "write_json",
 ]
 
 SCHEMA = "normkit-bench/1"
@@ -668,12 +669,17 @@ class BenchConfig:
 
 @dataclass
 class BenchResult:
-    """The rows of one :func:`run`, with its configuration, machine and duration (seconds)."""
+    """The rows of one :func:`run`, with its configuration, machine and duration (seconds).
+
+    ``complete`` is False for the partial results that :func:`run` hands to ``checkpoint``
+    before its last group of rows is done.
+    """
 
     config: BenchConfig
     machine: dict[str, Any]
     rows: list[Row]
     seconds: float
+    complete: bool = True
 
 
 def _cpu_model() -> str:
@@ -905,9 +911,11 @@ def _kernels(on: bool) -> Iterator[None]:
 def run(
     config: BenchConfig,
     progress: Callable[[int, int, str], None] | None = None,
+    checkpoint: Callable[[BenchResult], None] | None = None,
 ) -> BenchResult:
     """Run every row of ``config``; ``progress(done, total, label)`` is called before each
-    group of rows (one case, shape, dtype, format, mode and device)."""
+    group of rows (one case, shape, dtype, format, mode and device), and ``checkpoint`` after
+    each group but the last, with the rows so far (``complete=False``)."""
     start = time.perf_counter()
     groups = [
         (device, key, shape, dtype, fmt, mode)
@@ -929,6 +937,9 @@ def run(
                 label = f"{key} {_shape_text(_input_shape(case, shape))} {dtype} {fmt} {mode}"
                 progress(done, len(groups), f"{label} {device}")
             rows.extend(_rows_for(case, shape, dtype, fmt, mode, device, config))
+            if checkpoint is not None and done + 1 < len(groups):
+                seconds = time.perf_counter() - start
+                checkpoint(BenchResult(config, machine, list(rows), seconds, complete=False))
     if progress is not None:
         progress(len(groups), len(groups), "done")
     return BenchResult(config, machine, rows, time.perf_counter() - start)
@@ -1127,6 +1138,7 @@ def to_json(result: BenchResult) -> dict[str, Any]:
             for t in TARGETS
         ],
         "seconds": result.seconds,
+        "complete": result.complete,
         "rows": rows,
     }
 
@@ -1273,7 +1285,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="leave glibc's malloc as configured (default: keep freed memory in the heap for "
         "the run, see normkit.bench.steady_malloc; page faults otherwise dominate small rows)",
     )
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the JSON here")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        metavar="PATH",
+        help="also write the JSON here (rewritten after every group of rows: a run stopped early "
+        "keeps what it measured, marked incomplete)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
 
 
@@ -1323,12 +1341,28 @@ def run_from_args(args: argparse.Namespace) -> int:
         except kernels.KernelBuildError as exc:
             raise BenchError(f"--kernels: {exc}") from None
     progress = _progress_printer(not args.no_progress and sys.stderr.isatty())
-    result = run(config, progress)
+
+    def write(partial: BenchResult) -> None:
+        # Rewritten after every group: a run stopped early (a time limit, Ctrl-C) keeps the
+        # rows it measured, marked "complete": false.
+        if path is not None:
+            write_json(partial, path)
+
+    result = run(config, progress, write)
     print(format_table(result), flush=True)
     if path is not None:
-        path.write_text(json.dumps(to_json(result), indent=1, allow_nan=False) + "\n")
+        write_json(result, path)
         print(f"\njson: {path}")
     return 0
+
+
+def write_json(result: BenchResult, path: Path) -> None:
+    """Write :func:`to_json` of ``result`` to ``path`` whole or not at all (a reader never sees
+    half a file, even if the run is killed while writing)."""
+    text = json.dumps(to_json(result), indent=1, allow_nan=False) + "\n"
+    scratch = path.with_name(f".{path.name}.partial")
+    scratch.write_text(text)
+    os.replace(scratch, path)
 
 
 class BenchError(ValueError):
