@@ -113,6 +113,146 @@ def test_shared_or_reused_norms_are_not_folded() -> None:
     torch.testing.assert_close(prepared(x), model(x))
 
 
+def _eval_trained(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """``model`` after one training call (running statistics away from 0 and 1), with its
+    batch norms' affines moved from their init, in eval mode and float64."""
+    torch.manual_seed(0)
+    model = model.to(F64).train()
+    with torch.no_grad():
+        model(x * 3 + 1)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                nn.init.uniform_(m.weight, 0.5, 2.0)
+                nn.init.uniform_(m.bias, -1.0, 1.0)
+    return model.eval()
+
+
+def _assert_prepared_equals_eval(
+    model: nn.Module, x: torch.Tensor, **kwargs: Any
+) -> nk.InferenceReport:
+    prepared, report = nk.prepare_for_inference(model, **kwargs)
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), model(x), rtol=1e-12, atol=1e-12)
+    return report
+
+
+class _Extractor(nn.Module):
+    """Iterates its Sequential and reads the conv's own output; data-dependent control flow
+    keeps torch.fx from tracing it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = []
+        for layer in self.body:
+            x = layer(x)
+            feats.append(x)
+        if x.mean() > 1e9:
+            return x
+        return feats[0] + feats[2]
+
+
+class _Untraceable(nn.Module):
+    """Runs its Sequential whole; untraceable for the same reason."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.body(x)
+        return y if y.mean() < 1e9 else -y
+
+
+def test_an_untraced_model_is_folded_only_when_asked() -> None:
+    x = torch.randn(2, 3, 6, 6, dtype=F64)
+    # Folding the Sequential's neighbours would change feats[0]: by default nothing is folded.
+    extractor = _eval_trained(_Extractor(), x)
+    report = _assert_prepared_equals_eval(extractor, x)
+    assert not report.traced and report.folded == [] and report.kept == ["body.1"]
+    # Asked for, the neighbours fold, and for a Sequential that runs whole that is right.
+    untraceable = _eval_trained(_Untraceable(), x)
+    report = _assert_prepared_equals_eval(untraceable, x, sequential_fallback=True)
+    assert not report.traced and report.folded == [("body.0", "body.1")]
+
+
+class _TiedBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.bn(self.conv(x))
+        # The same filters on a flipped view, with no norm: folding would rewrite them.
+        return a + nn.functional.conv2d(x.flip(-1), self.conv.weight, padding=1)
+
+
+class _ReadsStatistics(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.bn(self.conv(x))
+        return out + self.bn.running_mean.reshape(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("cls", [_TiedBranch, _ReadsStatistics])
+def test_a_pair_whose_parameters_or_buffers_are_read_elsewhere_is_not_folded(
+    cls: type[nn.Module],
+) -> None:
+    x = torch.randn(2, 3, 6, 6, dtype=F64)
+    report = _assert_prepared_equals_eval(_eval_trained(cls(), x), x)
+    assert report.traced and report.folded == [] and report.kept == ["bn"]
+
+
+def test_hooked_modules_are_not_folded() -> None:
+    x = torch.randn(2, 3, 6, 6, dtype=F64)
+    with pytest.warns(FutureWarning):  # torch deprecates the old weight_norm; it still runs
+        conv = nn.utils.weight_norm(nn.Conv2d(3, 4, 3))
+    model = _eval_trained(nn.Sequential(conv, nn.BatchNorm2d(4)), x)
+    report = _assert_prepared_equals_eval(model, x)
+    assert report.folded == [] and report.kept == ["1"]
+
+    seen: list[torch.Tensor] = []
+    model = _eval_trained(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), x)
+    model[1].register_forward_hook(lambda m, args, out: seen.append(out))
+    report = _assert_prepared_equals_eval(model, x)
+    assert report.folded == [] and len(seen) == 2  # the hook ran on the prepared model too
+
+
+def test_a_norm_folded_into_a_linear_layer_refuses_more_than_two_dimensions() -> None:
+    model = _eval_trained(
+        nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8)), torch.randn(16, 5, dtype=F64)
+    )
+    x2 = torch.randn(4, 5, dtype=F64)
+    report = _assert_prepared_equals_eval(model, x2)
+    assert report.folded == [("0", "1")]
+    # On (N, C, L) the norm's channels are dim 1, not the linear layer's 8 output features.
+    three_d = _eval_trained(
+        nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8)), torch.randn(16, 8, 5, dtype=F64)
+    )
+    x3 = torch.randn(4, 8, 5, dtype=F64)
+    prepared, _ = nk.prepare_for_inference(three_d)
+    with pytest.raises(ValueError, match="fold_linear=False"):
+        prepared(x3)
+    report = _assert_prepared_equals_eval(three_d, x3, fold_linear=False)
+    assert report.folded == [] and report.kept == ["1"]
+
+
+def test_folding_keeps_each_parameters_requires_grad() -> None:
+    x = torch.randn(2, 3, 6, 6, dtype=F64)
+    model = _eval_trained(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), x)
+    model[0].weight.requires_grad_(False)  # a frozen conv with a trainable bias
+    prepared, report = nk.prepare_for_inference(model)
+    assert report.folded == [("0", "1")]
+    assert prepared[0].weight.requires_grad is False and prepared[0].bias.requires_grad is True
+
+
 def test_root_ws_layer_is_baked() -> None:
     conv = nk.WSConv2d(3, 4, 3).eval()
     prepared, report = nk.prepare_for_inference(conv)

@@ -16,8 +16,12 @@ Three steps, each equal in eval mode to what it replaces:
    * BNET's normalization, after a plain ``nn.Conv2d``: the layer becomes its depthwise
      convolution, a plain ``nn.Conv2d`` (:meth:`normkit.BNET2d.depthwise_conv`).
 
-Pairs are found by tracing the model with ``torch.fx`` (norm and conv layers as leaves); a model
-that does not trace falls back to pairs that sit next to each other in an ``nn.Sequential``.
+Pairs are found by tracing the model with ``torch.fx`` (norm and conv layers as leaves). A pair is
+folded only where nothing else can see the change: the conv's output feeds the norm alone, no code
+reads either module's attributes (a weight reused in ``F.conv2d``), neither module is reachable
+under two names or called twice, and neither has forward hooks (``nn.utils.weight_norm`` is one).
+A model that does not trace gets no folding unless ``sequential_fallback=True`` asks for pairs
+that sit next to each other in an ``nn.Sequential``.
 """
 
 from __future__ import annotations
@@ -49,11 +53,27 @@ _FOLD_INTO = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 class FoldedNorm(nn.Module):
     """What a norm folded into the preceding layer becomes: the identity.
 
-    It accepts and ignores extra arguments, so ``norm(x, domain)`` calls keep working.
+    It accepts and ignores extra arguments, so ``norm(x, domain)`` calls keep working. After a
+    linear layer (``after_linear``) it refuses an input that is not ``(N, C)``: the fold scaled
+    the linear layer's output features, which are the norm's channels only for 2-D input.
     """
 
+    def __init__(self, after_linear: bool = False) -> None:
+        super().__init__()
+        self.after_linear = after_linear
+
     def forward(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.after_linear and input.dim() != 2:
+            raise ValueError(
+                "FoldedNorm: this norm was folded into the linear layer before it, which is "
+                f"the same function for (N, C) input only; got a {input.dim()}-D input "
+                f"{tuple(input.shape)}. For a model that runs its linear layers on more "
+                "dimensions, prepare it with prepare_for_inference(..., fold_linear=False)."
+            )
         return input
+
+    def extra_repr(self) -> str:
+        return "after_linear=True" if self.after_linear else ""
 
 
 @dataclass
@@ -144,13 +164,17 @@ def _fold(
     conv.weight = nn.Parameter(
         weight * scale.to(weight.dtype).reshape(shape), requires_grad=weight.requires_grad
     )
+    # An existing bias keeps its own flag; a new one follows the weight's.
+    bias_grad = conv.bias.requires_grad if conv.bias is not None else weight.requires_grad
     old_bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
-    conv.bias = nn.Parameter(
-        (old_bias * scale + shift).to(weight.dtype), requires_grad=weight.requires_grad
-    )
+    conv.bias = nn.Parameter((old_bias * scale + shift).to(weight.dtype), requires_grad=bias_grad)
 
 
 class _LeafTracer(torch.fx.Tracer):
+    # Reads of buffers become get_attr nodes (by default they are baked in as constants), so
+    # that a pair whose statistics the model reads elsewhere is seen and kept.
+    proxy_buffer_attributes = True
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         leaves = (_ConvNd, nn.Linear, _BatchNorm, nn.GroupNorm, FrozenBatchNorm2d, FoldedNorm)
         if isinstance(m, leaves):
@@ -161,9 +185,15 @@ class _LeafTracer(torch.fx.Tracer):
 def _traced_pairs(model: nn.Module) -> Iterator[tuple[str, str]]:
     graph = _LeafTracer().trace(model)
     calls: dict[str, int] = {}
+    read: set[str] = set()  # modules whose attributes the traced code reads (get_attr)
     for node in graph.nodes:
         if node.op == "call_module":
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+        elif node.op == "get_attr":
+            owner = str(node.target)
+            while "." in owner:
+                owner = owner.rpartition(".")[0]
+                read.add(owner)
     for node in graph.nodes:
         if node.op != "call_module" or not node.args:
             continue
@@ -171,14 +201,18 @@ def _traced_pairs(model: nn.Module) -> Iterator[tuple[str, str]]:
         if not isinstance(prev, torch.fx.Node) or prev.op != "call_module":
             continue
         norm_name, conv_name = str(node.target), str(prev.target)
-        # The conv's output must feed only this norm, and neither module may be called twice.
-        if len(prev.users) == 1 and calls[norm_name] == 1 and calls[conv_name] == 1:
-            yield conv_name, norm_name
+        # The conv's output must feed only this norm, neither module may be called twice, and
+        # no code may read a parameter or buffer of either (folding rewrites them).
+        if len(prev.users) > 1 or calls[norm_name] > 1 or calls[conv_name] > 1:
+            continue
+        if conv_name in read or norm_name in read:
+            continue
+        yield conv_name, norm_name
 
 
 def _sequential_pairs(model: nn.Module) -> Iterator[tuple[str, str]]:
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Sequential):
+        if type(module) is not nn.Sequential:  # a subclass may run its children otherwise
             continue
         children = list(module.named_children())
         for (a, _), (b, _) in itertools.pairwise(children):
@@ -192,8 +226,23 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
+def _hooked(module: nn.Module) -> bool:
+    # A forward (pre-)hook may rewrite the weight (nn.utils.weight_norm, spectral_norm) or read
+    # the norm's output: folding would break it or change what it sees.
+    return bool(
+        module._forward_pre_hooks
+        or module._forward_hooks
+        or getattr(module, "_forward_hooks_with_kwargs", None)
+    )
+
+
 def prepare_for_inference(
-    model: nn.Module, *, domain: int | None = None, inplace: bool = False
+    model: nn.Module,
+    *,
+    domain: int | None = None,
+    inplace: bool = False,
+    sequential_fallback: bool = False,
+    fold_linear: bool = True,
 ) -> tuple[nn.Module, InferenceReport]:
     """A model for evaluation and export, equal to ``model.eval()`` on every input.
 
@@ -202,6 +251,15 @@ def prepare_for_inference(
         domain: fold conditional layers (SaBN, CCBN, AuxBN) for this one index; the prepared
             model then computes the original's output for that domain only. None keeps them.
         inplace: modify ``model`` itself instead of a deep copy.
+        sequential_fallback: for a model that ``torch.fx`` cannot trace, fold the (conv, norm)
+            neighbours of every exact ``nn.Sequential``. That is only right if each such
+            Sequential runs whole through its own forward: code that iterates it, or calls a
+            child directly, can read the conv's output before the norm. Default False: an
+            untraced model is not folded (the report says so); baking and sync reversal apply.
+        fold_linear: fold norms into a preceding ``nn.Linear`` too. That is the same function
+            for ``(N, C)`` input only (on ``(N, C, L)`` the norm's channels are not the linear
+            layer's features), which the folded norm checks at run time; pass False for a model
+            that runs such a pair on more than two dimensions.
 
     Returns:
         ``(prepared, report)``; ``prepared`` is in eval mode with ``requires_grad`` kept. A model
@@ -243,9 +301,9 @@ def prepare_for_inference(
     shared = _shared_ids(model)
     try:
         pairs = list(_traced_pairs(model))
-    except Exception:  # any model fx cannot trace: fall back to Sequential neighbours
+    except Exception:  # any model fx cannot trace
         report.traced = False
-        pairs = list(_sequential_pairs(model))
+        pairs = list(_sequential_pairs(model)) if sequential_fallback else []
     done: set[str] = set()
     for conv_name, norm_name in pairs:
         if norm_name in done:
@@ -253,7 +311,9 @@ def prepare_for_inference(
         conv, norm = model.get_submodule(conv_name), model.get_submodule(norm_name)
         if not isinstance(conv, _FOLD_INTO) or type(conv) not in _FOLD_INTO:
             continue
-        if id(conv) in shared or id(norm) in shared:
+        if type(conv) is nn.Linear and not fold_linear:
+            continue
+        if id(conv) in shared or id(norm) in shared or _hooked(conv) or _hooked(norm):
             continue
         out_features = conv.weight.shape[0]
         if getattr(norm, "num_features", None) != out_features:
@@ -276,7 +336,7 @@ def prepare_for_inference(
             if affine is None:
                 continue
             _fold(conv, *affine)
-            _set(model, norm_name, FoldedNorm())
+            _set(model, norm_name, FoldedNorm(after_linear=isinstance(conv, nn.Linear)))
         report.folded.append((conv_name, norm_name))
         done.add(norm_name)
     norms = (_BatchNorm, _BatchChannelNorm, FrozenBatchNorm2d)
