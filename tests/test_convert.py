@@ -789,3 +789,219 @@ def test_the_batch_count_is_kept_where_every_statistic_is_carried() -> None:
     for target, kwargs in (("bnet", {}), ("evonorm-b0", {}), ("sabn", {"num_domains": 2})):
         layer = convert_norm(copy.deepcopy(bn), target, **kwargs).model
         assert int(layer.num_batches_tracked) == 7, target
+
+
+# --- requires_grad on every target ----------------------------------------------------------------
+
+ALL_TARGETS: dict[str, dict[str, Any]] = {
+    **{name: kwargs for name, (kwargs, _, _) in TARGETS.items()},
+    **{name: kwargs for name, (_, kwargs, _, _, _) in RELATED_TARGETS.items()},
+    "gn": {"num_groups": 4},
+    "frozenbn": {},
+}
+
+
+@pytest.mark.parametrize("target", sorted(ALL_TARGETS))
+def test_a_frozen_affine_stays_frozen_wherever_it_went_on_every_target(target: str) -> None:
+    # Only what nothing was carried into (the report's fresh parts) trains.
+    bn = nn.BatchNorm2d(8)
+    bn.weight.requires_grad_(False)
+    bn.bias.requires_grad_(False)
+    report = convert_norm(nn.Sequential(bn), target, **ALL_TARGETS[target])
+    fresh = set(report.changes[0].fresh)
+    flags = {n: p.requires_grad for n, p in report.model[0].named_parameters()}
+    assert flags == {n: n in fresh for n in flags}, target
+
+
+@pytest.mark.parametrize("target", sorted(ALL_TARGETS))
+def test_a_missing_shift_stays_a_frozen_zero_on_every_target(target: str) -> None:
+    report = convert_norm(
+        nn.Sequential(nn.BatchNorm2d(8, bias=False)), target, **ALL_TARGETS[target]
+    )
+    layer = report.model[0]
+    params = dict(layer.named_parameters())
+    shift = next((params[k] for k in ("bias", "domain_bias", "conv_bias") if k in params), None)
+    if shift is not None:  # else the target keeps it as a buffer (frozenbn)
+        assert not shift.requires_grad and not shift.any(), target
+
+
+def test_bnet_target_maps_the_flags_to_its_convolution() -> None:
+    bn = nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+        bn.running_mean.normal_()
+    bn.weight.requires_grad_(False)  # the scale frozen, the shift trains
+    new = convert_norm(copy.deepcopy(bn), "bnet").model
+    assert not new.conv_weight.requires_grad and new.conv_bias.requires_grad
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(new(x), bn(x))
+    bn.weight.requires_grad_(True)
+    bn.bias.requires_grad_(False)
+    new = convert_norm(copy.deepcopy(bn), "bnet").model
+    assert new.conv_weight.requires_grad and not new.conv_bias.requires_grad
+
+
+# --- sources a target cannot represent ------------------------------------------------------------
+
+
+def test_frozenbn_target_refuses_sources_without_running_statistics() -> None:
+    model = nn.Sequential(
+        nn.BatchNorm2d(4),
+        nn.BatchNorm2d(4, track_running_stats=False),
+        nn.Sequential(nn.GroupNorm(2, 4)),
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"running statistics to convert to 'frozenbn'.*'1' \(BatchNorm2d\), '2\.0' "
+        r"\(GroupNorm\) without any",
+    ):
+        convert_norm(model, "frozenbn", include_groupnorm=True)
+    assert [type(m) for m in (model[0], model[1], model[2][0])] == [
+        nn.BatchNorm2d,
+        nn.BatchNorm2d,
+        nn.GroupNorm,
+    ]
+    report = convert_norm(model, "frozenbn", exclude={"1"})
+    assert report.names == ["0"] and type(model[0]) is nk.FrozenBatchNorm2d
+
+
+def test_affine_free_sources_get_a_fresh_affine_that_the_report_lists() -> None:
+    # docs/convert.md: "same function" for ccbn and inputnorm holds for sources with an affine;
+    # an affine-free source's affine is fresh (ccbn: the same function with domain_std=0.0).
+    bn = nn.BatchNorm2d(6, affine=False).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(4, 6, 5, 5)
+    report = convert_norm(copy.deepcopy(bn), "ccbn", num_domains=3, domain_std=0.0)
+    assert report.changes[0].fresh == ("domain_weight", "domain_bias")
+    torch.testing.assert_close(report.model(x, 2), bn(x))
+    report = convert_norm(copy.deepcopy(bn), "inputnorm")
+    assert report.changes[0].fresh == ("weight", "bias")
+
+
+# --- classes as targets ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("to", "attrs"),
+    [
+        (nk.BatchGroupNorm2d, {"num_groups": 8}),  # gcd(24, 32), the family's default
+        (nk.MovingAverageBatchNorm2d, {"momentum": 0.02}),
+        (nk.FilterResponseNorm2d, {"eps": 1e-6}),
+        (nk.EvoNormS0, {"num_groups": 8}),
+        (nk.BatchChannelNorm2d, {"estimate": False}),  # bcn, not its variant bcn-micro
+        (nk.CategoricalConditionalBatchNorm3d, {"split_stats": False}),
+    ],
+)
+def test_a_class_of_a_family_with_defaults_names_that_family(
+    to: type[nn.Module], attrs: dict[str, Any]
+) -> None:
+    kwargs = {"num_domains": 2} if to is nk.CategoricalConditionalBatchNorm3d else {}
+    if to is nk.BatchChannelNorm2d:
+        kwargs = {"num_groups": 4}
+    model = nn.Sequential(nn.Conv2d(3, 24, 1), nn.BatchNorm2d(24))
+    report = convert_norm(model, to, **kwargs)
+    layer = model[1]
+    expected = (
+        nk.CategoricalConditionalBatchNorm2d if to is nk.CategoricalConditionalBatchNorm3d else to
+    )
+    assert type(layer) is expected
+    for attr, value in attrs.items():
+        assert getattr(layer, attr) == value, attr
+    assert (
+        report.target
+        == {
+            nk.BatchGroupNorm2d: "bgn",
+            nk.MovingAverageBatchNorm2d: "mabn",
+            nk.FilterResponseNorm2d: "frn",
+            nk.EvoNormS0: "evonorm-s0",
+            nk.BatchChannelNorm2d: "bcn",
+            nk.CategoricalConditionalBatchNorm3d: "ccbn",
+        }[to]
+    )
+
+
+# --- freeze_norm: atomicity, the other batch-statistics layers, exclude --------------------------
+
+
+def test_freeze_refuses_an_uninitialized_lazy_norm_before_changing_anything() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.LazyConv2d(4, 1), nn.LazyBatchNorm2d()
+    )
+    with pytest.raises(
+        ValueError, match=r"freeze_norm: expected initialized norms, got '3' \(Lazy"
+    ):
+        freeze_norm(model)
+    assert type(model[1]) is nn.BatchNorm2d and model[1].weight.requires_grad
+    assert not hasattr(model[1], "_normkit_frozen_requires_grad")
+    freeze_norm(model, exclude={"3"})
+    assert type(model[1]).__name__ == "FrozenBatchNorm2d"
+    model(torch.randn(2, 3, 2, 2))  # initializes the lazy layers
+    freeze_norm(model)
+    assert type(model[3]).__name__ == "FrozenBatchNorm2d" and not model[3].weight.requires_grad
+
+
+def _batch_statistics_layers() -> list[tuple[str, nn.Module]]:
+    layers: list[tuple[str, nn.Module]] = [
+        ("iternorm", nk.IterNorm2d(8, group_size=4)),
+        ("evonorm-b0", nk.EvoNormB0(8)),
+    ]
+    # Statistics away from their init (a generator of its own: the global one is left alone).
+    x = torch.randn(16, 8, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 + 1
+    for _, layer in layers:
+        layer.train()(x)
+    return layers
+
+
+BATCH_STATISTICS = _batch_statistics_layers()
+
+
+@pytest.mark.parametrize(("name", "layer"), BATCH_STATISTICS, ids=[n for n, _ in BATCH_STATISTICS])
+def test_freeze_freezes_batch_statistics_layers_that_are_not_batch_norms(
+    name: str, layer: nn.Module
+) -> None:
+    layer = copy.deepcopy(layer)
+    cls = type(layer)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), layer)
+    x = torch.randn(6, 3, 4, 4)
+    expected = copy.deepcopy(model).eval()(x)
+    freeze_norm(model).train()
+    assert isinstance(layer, cls) and type(layer).__name__ == f"Frozen{cls.__name__}"
+    assert not layer.training and all(not p.requires_grad for p in layer.parameters())
+    state = copy.deepcopy(layer.state_dict())
+    out = model(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(x[:2]), out[:2], rtol=0, atol=1e-6)  # batch independent
+    assert all(torch.equal(v, state[k]) for k, v in layer.state_dict().items())
+    torch.testing.assert_close(copy.deepcopy(model)(x), out, rtol=0, atol=0)
+    unfreeze_norm(model)
+    assert type(layer) is cls and layer.training
+    assert all(p.requires_grad for p in layer.parameters())
+
+
+def test_freeze_refuses_batch_statistics_layers_without_running_statistics() -> None:
+    model = nn.Sequential(nk.IterNorm2d(8, group_size=4, track_running_stats=False))
+    with pytest.raises(ValueError, match=r"'0' \(IterNorm2d\) with track_running_stats=False"):
+        freeze_norm(model)
+    assert type(model[0]) is nk.IterNorm2d
+
+
+def test_excluding_the_root_name_excludes_everything() -> None:
+    def model() -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sequential(nn.BatchNorm2d(4)))
+
+    m = model()
+    with pytest.raises(ValueError, match=r"left alone: 1\.0 \(BatchNorm2d, excluded\)"):
+        convert_norm(m, "sabn", num_domains=2, exclude={""})
+    report = convert_norm(m, "sabn", num_domains=2, exclude={""}, strict=False)
+    assert len(report) == 0 and type(m[1][0]) is nn.BatchNorm2d
+    freeze_norm(m, exclude={""})
+    assert type(m[1][0]) is nn.BatchNorm2d and m[1][0].weight.requires_grad
+    # The same rule for weight_standardize_, which shares it.
+    nk.weight_standardize_(m, exclude={""})
+    assert type(m[0]) is nn.Conv2d
+    # The root itself, when it is the norm, is excluded as before.
+    root = nn.BatchNorm2d(4)
+    assert len(convert_norm(root, "sabn", num_domains=2, exclude={""}, strict=False)) == 0

@@ -124,3 +124,51 @@ def test_third_party_registration_and_overwrite_rule() -> None:
 def test_group_norm_factory_refuses_a_non_dividing_group_count() -> None:
     with pytest.raises(ValueError, match="GroupNorm: expected num_groups to divide"):
         nk.create_norm("gn", 10, num_groups=4)
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        ("batchnorm1d", nn.BatchNorm1d),
+        ("BatchNorm2d", nn.BatchNorm2d),
+        ("batch_norm_3d", nn.BatchNorm3d),
+        ("in1d", nn.InstanceNorm1d),
+        ("in2d", nn.InstanceNorm2d),
+        ("IN-3d", nn.InstanceNorm3d),
+        ("gn1d", nk.GroupNorm),
+        ("groupnorm3d", nk.GroupNorm),
+    ],
+)
+def test_every_family_name_takes_the_dimension_suffixes(name: str, cls: type) -> None:
+    kwargs = {"num_groups": 4} if cls is nk.GroupNorm else {}
+    assert type(nk.create_norm(name, 8, **kwargs)) is cls
+
+
+def test_the_registry_knows_every_convert_norm_target_with_its_suffixes() -> None:
+    # One naming rule for both: a family name, bare (2d) or with the suffix of each of its layers.
+    from normkit.convert import _families
+
+    kwargs = {
+        "sabn": {"num_domains": 2},
+        "sabnsplit": {"num_domains": 2},
+        "saauxbn": {"num_domains": 2},
+        "ccbn": {"num_domains": 2},
+        "ccbnsplit": {"num_domains": 2},
+        "auxbn": {"num_domains": 2},
+        "bcn": {"num_groups": 4},
+        "bcnmicro": {"num_groups": 4},
+        "gn": {"num_groups": 4},
+        "groupnorm": {"num_groups": 4},
+        "bgn": {"num_groups": 4},
+        "batchgroupnorm": {"num_groups": 4},
+        "evonorms0": {"num_groups": 4},
+    }
+    for name, family in _families().items():
+        for dim, cls in family.classes.items():
+            names = [f"{name}{dim}d"] + ([name] if dim == 2 else [])
+            for spelled in names:
+                layer = nk.create_norm(spelled, 8, **kwargs.get(name, {}))
+                assert type(layer) is cls, spelled
+                for option, value in family.defaults.items():
+                    if not callable(value) and option != "momentum":
+                        assert getattr(layer, option) == value, (spelled, option)

@@ -70,6 +70,10 @@ class _Family:
     #: Start the target's step counter at 0: a batch norm's batch count is not its step (BRN's
     #: warm-up schedule reads it).
     restart_count: bool = False
+    #: The target normalizes with the source's running statistics for good (no batch statistics
+    #: of its own): a source without them (``track_running_stats=False``, a group norm) is
+    #: refused, as fresh 0/1 statistics would compute another function.
+    needs_statistics: bool = False
 
 
 def _groups_of_32(num_features: int) -> int:
@@ -112,7 +116,7 @@ def _families() -> dict[str, _Family]:
         _Family("bcn-micro", bcn, {"estimate": True}),
         _Family("inputnorm", dims(revisited.InputNorm1d, revisited.InputNorm2d), {}),
         _Family("gn", dims(GroupNorm, GroupNorm, GroupNorm), {}),
-        _Family("frozenbn", dims(None, FrozenBatchNorm2d), {}),
+        _Family("frozenbn", dims(None, FrozenBatchNorm2d), {}, needs_statistics=True),
         _Family(
             "brn",
             dims(renorm.BatchRenorm1d, renorm.BatchRenorm2d, renorm.BatchRenorm3d),
@@ -160,15 +164,22 @@ def _resolve_target(to: Any) -> tuple[_Family, int | None]:
             raise ValueError(f"convert_norm: unknown target {to!r}; known targets: {known}")
         return family, None
     if isinstance(to, type):
-        for family in families.values():
-            if family.defaults:
-                continue
-            for dim, cls in family.classes.items():
-                if cls is to:
-                    return family, dim
-    known_classes = sorted(
-        c.__name__ for f in families.values() if not f.defaults for c in f.classes.values()
-    )
+        # Aliases map to the same family object: each family once, in table order.
+        unique = {id(f): f for f in families.values()}.values()
+        owners = [f for f in unique if to in f.classes.values()]
+        # A class shared by a family and its variants (SaBN and SaBN-split) names the plain
+        # family, the one without implied options.
+        if len(owners) > 1:
+            owners = [f for f in owners if not f.defaults]
+        if len(owners) == 1:
+            family = owners[0]
+            return family, min(d for d, c in family.classes.items() if c is to)
+        if owners:
+            raise TypeError(
+                f"convert_norm: expected `to` to name one target family, got {to.__name__}, a "
+                f"class of {', '.join(repr(f.name) for f in owners)}; pass the target name"
+            )
+    known_classes = sorted({c.__name__ for f in families.values() for c in f.classes.values()})
     raise TypeError(
         "convert_norm: expected `to` to be a target name or one of the classes "
         f"{', '.join(known_classes)}; got {to!r}"
@@ -300,23 +311,29 @@ def convert_norm(
                     per-domain affine is fresh: pass ``domain_std=0.0`` to start it at exactly
                     (1, 0), and the converted model computes the same function for every domain
     ``sabn-split``  as ``sabn`` with the statistics copied to every domain (``saauxbn``)
-    ``ccbn``        shared statistics; the affine becomes every domain's affine (same function)
+    ``ccbn``        shared statistics; the affine becomes every domain's affine (same function;
+                    from an ``affine=False`` source the per-domain affine is fresh: the same
+                    function with ``domain_std=0.0``)
     ``ccbn-split``  as ``ccbn`` with the statistics copied to every domain
     ``auxbn``       statistics and affine copied to every domain (same function)
     ``bcn``         BCN's batch part (``weight``, ``bias``, ``running_*``); the channel part's
                     ``group_weight``/``group_bias`` is fresh; pass ``num_groups``
     ``bcn-micro``   as ``bcn`` with ``estimate=True``: the running statistics become the initial
                     estimates (the unbiased running variance is read as the estimate)
-    ``inputnorm``   statistics and affine; the shift stays frozen (InputNorm's rule)
+    ``inputnorm``   statistics and affine; the shift stays frozen (InputNorm's rule); from an
+                    ``affine=False`` source the scale is fresh (``scale · 0.58``): not the same
+                    function
     ``gn``          the affine (:class:`normkit.GroupNorm`, any dimensionality; pass
                     ``num_groups``, default 32); the statistics are dropped (``groupnorm``)
     ``frozenbn``    statistics and affine, all as buffers (:class:`normkit.FrozenBatchNorm2d`,
-                    2d only): the eval-mode function, frozen for good
+                    2d only): the eval-mode function, frozen for good; a source without running
+                    statistics (``track_running_stats=False``, a group norm) is refused
     ``brn``         statistics and affine (:class:`normkit.BatchRenorm2d`): the same eval
                     function; the step counter restarts at 0, so training starts with the
                     warm-up of the renormalization schedule
     ``bnet``        statistics; the affine becomes the centre tap and bias of the depthwise
-                    kernel (:class:`normkit.BNET2d`, 2d): the same function
+                    kernel (:class:`normkit.BNET2d`, 2d): the same function; a frozen ``weight``
+                    freezes the whole kernel (its other taps stay 0)
     ``bgn``         the affine; the per-channel statistics are dropped (BGN keeps one per group;
                     ``num_groups`` defaults to the largest divisor of the channels up to 32)
     ``mabn``        the running variance and the affine (no mean: MABN does not centre); the
@@ -332,12 +349,14 @@ def convert_norm(
     too and is reported as fresh: the count belongs to the statistics it averaged.
 
     ``to`` is one of these names, case- and separator-insensitive (``"SaBN_split"``), or a
-    class of one of these families (``normkit.SandwichBatchNorm2d``). Either way it names a
-    family: the dimensionality comes from each source (``BatchNorm1d`` becomes the 1d layer,
-    ``BatchNorm3d`` the 3d one). Sources that do not say (``nn.SyncBatchNorm``,
-    ``nn.GroupNorm``, a ``treat_as_bn`` class not derived from ``BatchNorm1d/2d/3d``) get
-    ``default_dim``, which defaults to the dimensionality ``to`` names (a class, or a suffix
-    such as ``"sabn3d"``), else 2.
+    class of one of these families (``normkit.SandwichBatchNorm2d``; a class shared by a family
+    and its variants names the plain family, ``normkit.BatchChannelNorm2d`` is ``bcn``). Either
+    way it names a family, with the options the name implies (``bgn``'s group count): the
+    dimensionality comes from each source (``BatchNorm1d`` becomes the 1d layer, ``BatchNorm3d``
+    the 3d one). Sources that do not say (``nn.SyncBatchNorm``, ``nn.GroupNorm``, a
+    ``treat_as_bn`` class not derived from ``BatchNorm1d/2d/3d``) get ``default_dim``, which
+    defaults to the dimensionality ``to`` names (a class, or a suffix such as ``"sabn3d"``),
+    else 2.
 
     ``kwargs`` go to every new layer (``num_domains=3``, ``domain_std=0.0``, ``num_groups=8``,
     ``estimate=True``, ``momentum=None``); ``num_groups`` may also be a callable of the channel
@@ -375,7 +394,8 @@ def convert_norm(
             activation of a ``BatchNormAct``) is **dropped**: list a class only if that is what
             you want. Exact classes: a subclass of a listed class is not covered.
         exclude: modules to leave alone: a callable ``(qualified_name, module) -> bool``, or a
-            collection of qualified names (a name also excludes everything under it).
+            collection of qualified names (a name also excludes everything under it; ``""``,
+            the model itself, excludes everything).
         default_dim: 1, 2 or 3, for sources that do not tell their dimensionality.
         strict: raise when there is nothing to convert (default); ``False`` returns an empty
             report instead.
@@ -389,7 +409,8 @@ def convert_norm(
         TypeError: a batch-norm subclass (or, with ``include_groupnorm``, a group-norm subclass)
             that is neither normkit's nor listed in ``treat_as_bn`` and not excluded: its forward
             may do more than normalize. The message names every such module and its class.
-        ValueError: an unknown target; nothing to convert (with ``strict``).
+        ValueError: an unknown target; nothing to convert (with ``strict``); for ``frozenbn``,
+            sources without running statistics (the message names every one).
         TypeError or ValueError: a layer that cannot be built from its source and ``kwargs`` (a
             missing ``num_domains``, a group count that does not divide the channels): the
             message names the module, its class and the layer's own error. Nothing is changed.
@@ -443,6 +464,7 @@ def convert_norm(
 
     todo: list[int] = []
     unknown: list[str] = []
+    stateless: list[str] = []
     left_alone: list[tuple[str, str]] = []
     for key, module in modules.items():
         cls = type(module)
@@ -459,6 +481,8 @@ def convert_norm(
             target = family.classes.get(_source_dim(module, default_dim))
             if target is cls:
                 left_alone.append((first, f"{cls.__name__}, already the target"))
+            elif family.needs_statistics and not _has_running_statistics(module):
+                stateless.append(f"{_show(first)!r} ({cls.__name__})")
             else:
                 todo.append(key)
         elif _is_normkit(cls):
@@ -471,6 +495,14 @@ def convert_norm(
             f"it does not know, whose forward may do more than normalize (that would be lost): "
             f"{', '.join(unknown)}. Pass treat_as_bn=(TheClass,) to convert such a class as a "
             "plain batch norm, or exclude=... to leave the modules alone"
+        )
+    if stateless:
+        raise ValueError(
+            f"{where}: expected norms with running statistics to convert to {family.name!r}, "
+            f"which normalizes with them for good, got {', '.join(stateless)} without any "
+            "(track_running_stats=False, or a group norm: statistics of each batch or sample, "
+            "which fresh 0/1 statistics would not compute); exclude them or choose another "
+            "target"
         )
     if not todo:
         if strict:
@@ -539,6 +571,14 @@ def _source_dim(module: nn.Module, default: int) -> int:
         if isinstance(module, cls):
             return dim
     return default
+
+
+def _has_running_statistics(module: nn.Module) -> bool:
+    """Whether ``module`` normalizes with running statistics in eval mode: a variance (a batch
+    norm, MABN, EvoNorm-B0) or whitening matrices (IterNorm); never a group norm."""
+    if isinstance(module, nn.GroupNorm):
+        return False
+    return any(isinstance(getattr(module, k, None), Tensor) for k in ("running_var", "running_wm"))
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -693,15 +733,15 @@ _STATISTICS = ("running_mean", "running_var")
 
 
 def _home_of(new: nn.Module, key: str, fresh: tuple[str, ...]) -> nn.Parameter | None:
-    """The parameter of ``new`` that received the source's ``key``."""
-    p = new._parameters.get(key)
-    if p is not None and key not in fresh:
-        return p
-    # The conditional layers without a shared affine load a batch norm's affine into every
-    # domain's (their checkpoint rule).
-    p = new._parameters.get("domain_" + key)
-    if p is not None and "domain_" + key not in fresh:
-        return p
+    """The parameter of ``new`` that received the source's ``key``: the same name; every
+    domain's, for the conditional layers without a shared affine (CCBN, AuxBN); or BNET's
+    depthwise convolution, whose centre tap and bias hold a batch norm's affine (their checkpoint
+    rules). A frozen ``weight`` freezes BNET's whole kernel: its other taps start at 0, so the
+    layer keeps computing the source's fixed scale."""
+    for own in (key, "domain_" + key, "conv_" + key):
+        p = new._parameters.get(own)
+        if p is not None and own not in fresh:
+            return p
     return None
 
 
@@ -724,6 +764,11 @@ def _match_buffer_dtypes(source: nn.Module, new: nn.Module) -> None:
 
 
 _SAVED = "_normkit_frozen_requires_grad"
+
+#: normkit's batch-statistics layers that are not ``_BatchNorm`` subclasses; their eval mode is
+#: their running statistics (and, for EvoNorm-B0, the per-sample part), so they freeze as a batch
+#: norm does.
+_BATCH_STATISTICS_LAYERS: tuple[type[nn.Module], ...] = (iternorm._IterNorm, evonorm.EvoNormB0)
 
 
 class _FrozenNorm:
@@ -789,8 +834,10 @@ def freeze_norm(
     """Freeze every batch norm of ``model``: running statistics, and an affine that does not train.
 
     Each batch norm (every ``nn.modules.batchnorm._BatchNorm``: torch's BN and SyncBN, normkit's
-    SaBN, CCBN, AuxBN, BCN and InputNorm, and subclasses such as timm's ``BatchNormAct2d``), and
-    each ``nn.GroupNorm`` with ``include_groupnorm``, is frozen **in place**:
+    SaBN, CCBN, AuxBN, BCN, InputNorm, BatchRenorm, BNET, BGN and MABN, and subclasses such as
+    timm's ``BatchNormAct2d``), normkit's other batch-statistics layers (``IterNorm1d/2d``,
+    ``EvoNormB0``), and each ``nn.GroupNorm`` with ``include_groupnorm``, is frozen **in
+    place**:
 
     * its class becomes a subclass, ``Frozen<Class>`` (so ``isinstance`` checks, the forward,
       the state-dict keys and the Parameter objects are unchanged), whose ``training`` is always
@@ -803,8 +850,9 @@ def freeze_norm(
     What "frozen" means per layer is its eval mode: SaBN/CCBN/AuxBN use their (shared or
     per-domain) running statistics and keep their per-domain affines; BCN's batch part uses its
     running statistics (its estimates with ``estimate=True``), and its channel part stays per
-    sample, as it has no batch statistics. A frozen layer's output for a sample therefore does
-    not depend on the rest of the batch, in train mode too. Group norms have no statistics:
+    sample, as it has no batch statistics; IterNorm whitens with its running mean and whitening
+    matrices; EvoNorm-B0 uses its running variance beside its per-sample one. A frozen layer's
+    output for a sample therefore does not depend on the rest of the batch, in train mode too. Group norms have no statistics:
     freezing one only stops its affine from training.
 
     Freezing is idempotent; :func:`unfreeze_norm` undoes it exactly. Frozen models deep-copy and
@@ -818,14 +866,17 @@ def freeze_norm(
         freeze_affine: also set ``requires_grad=False`` on the layers' parameters; ``False``
             freezes the statistics only.
         exclude: modules to leave alone: a callable ``(qualified_name, module) -> bool``, or a
-            collection of qualified names (a name also excludes everything under it).
+            collection of qualified names (a name also excludes everything under it; ``""``,
+            the model itself, excludes everything).
 
     Returns:
         ``model``, frozen in place.
 
     Raises:
-        ValueError: a batch norm without running statistics (``track_running_stats=False``),
-            which has nothing to freeze to; the message names every such module. Exclude them.
+        ValueError: a norm without running statistics (``track_running_stats=False``), which
+            has nothing to freeze to, or a lazy norm not initialized yet (its first forward
+            would turn it into its plain, unfrozen class); the message names every such module.
+            Every layer is checked before any is frozen, so the model is then unchanged.
 
     Example::
 
@@ -847,12 +898,14 @@ def freeze_norm(
         names_of.setdefault(id(module), []).append(name)
         modules[id(module)] = module
     is_excluded = _exclusion_rule(where, exclude, names_of)
-    kinds: tuple[type[nn.Module], ...] = (_BatchNorm,)
+    kinds: tuple[type[nn.Module], ...] = (_BatchNorm, *_BATCH_STATISTICS_LAYERS)
     if include_groupnorm:
         kinds += (nn.GroupNorm,)
 
+    # Everything is checked before anything changes: a refused layer leaves the model whole.
     todo: list[nn.Module] = []
     stateless: list[str] = []
+    lazy: list[str] = []
     # FrozenBatchNorm2d counts as an already frozen batch norm: no warning, nothing to do.
     if not any(isinstance(module, (*kinds, FrozenBatchNorm2d)) for module in modules.values()):
         looked = "batch norms" + (" or group norms" if include_groupnorm else "")
@@ -866,11 +919,25 @@ def freeze_norm(
             continue
         if any(is_excluded(n, module) for n in names_of[key]):
             continue
+        label = f"{_show(names_of[key][0])!r} ({type(module).__name__})"
+        # An uninitialized lazy layer has no statistics yet, and its first forward would turn it
+        # into its plain class, thawing it.
+        if any(
+            t is not None and nn.parameter.is_lazy(t)
+            for t in (*module._parameters.values(), *module._buffers.values())
+        ):
+            lazy.append(label)
+            continue
         # running_var, not running_mean: a norm without centring (MABN) tracks no mean.
-        if isinstance(module, _BatchNorm) and module.running_var is None:
-            stateless.append(f"{_show(names_of[key][0])!r} ({type(module).__name__})")
+        if not isinstance(module, nn.GroupNorm) and not _has_running_statistics(module):
+            stateless.append(label)
             continue
         todo.append(module)
+    if lazy:
+        raise ValueError(
+            f"{where}: expected initialized norms, got {', '.join(lazy)} with uninitialized "
+            "(lazy) parameters or buffers; run a forward pass first, or exclude them"
+        )
     if stateless:
         raise ValueError(
             f"{where}: expected batch norms with running statistics, got "

@@ -224,9 +224,16 @@ def _register_builtins() -> None:
         register_norm(name, functools.partial(dims["2d"], **bound))
         for dim, cls in dims.items():
             register_norm(f"{name}-{dim}", functools.partial(cls, **bound))
-    register_norm("batchnorm", functools.partial(_torch_norm, nn.BatchNorm2d))
+    # Every family name takes the dimension suffixes of its layers (the bare name is 2d), as
+    # convert_norm's targets do: "batchnorm3d" is "bn3d".
+    for dim, cls in families["bn"].items():
+        register_norm(f"batchnorm{dim}", cls)
+    register_norm("batchnorm", families["bn"]["2d"])
+    instance_norms = {"1d": nn.InstanceNorm1d, "2d": nn.InstanceNorm2d, "3d": nn.InstanceNorm3d}
     register_norm("in", functools.partial(_torch_norm, nn.InstanceNorm2d))
-    register_norm("ln", _layer_norm)
+    for dim, in_cls in instance_norms.items():
+        register_norm(f"in{dim}", functools.partial(_torch_norm, in_cls))
+    register_norm("ln", _layer_norm)  # any rank: no dimension suffixes
     # Related methods (issue 8), one block per family; each helper edits only its own block.
     # -- renorm / batch-group names --
     from normkit.layers import batch_group, renorm  # here, so that this block stands alone
@@ -265,8 +272,11 @@ def _register_builtins() -> None:
     # -- groupnorm / frozen names --
     from normkit.layers import frozen, group_norm  # here, so that this block stands alone
 
-    register_norm("gn", group_norm.GroupNorm)  # any rank: no dimension suffixes
-    register_norm("groupnorm", group_norm.GroupNorm)
+    for name in ("gn", "groupnorm"):
+        # Any rank: the bare name, and every suffix (as the convert_norm target "gn3d").
+        register_norm(name, group_norm.GroupNorm)
+        for dim in ("1d", "2d", "3d"):
+            register_norm(f"{name}{dim}", group_norm.GroupNorm)
     for name in ("frozenbn", "frozenbatchnorm"):
         register_norm(name, frozen.FrozenBatchNorm2d)  # 2d only: the bare name and "2d"
         register_norm(f"{name}2d", frozen.FrozenBatchNorm2d)

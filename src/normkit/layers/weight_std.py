@@ -1108,4 +1108,8 @@ def _exclusion_rule(
     unknown = sorted(wanted - known)
     if unknown:
         raise ValueError(f"{where}: expected exclude to name modules of the model, got {unknown}")
+    # A name excludes its module and everything under it; "" names the model itself (as in
+    # named_modules()), so it excludes everything.
+    if "" in wanted:
+        return lambda name, module: True
     return lambda name, module: any(name == e or name.startswith(e + ".") for e in wanted)
