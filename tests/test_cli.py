@@ -77,6 +77,41 @@ def test_bad_study_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert "expects a value" in _error(capsys, "reproduce", "microbatch", "--epochs")
 
 
+def test_study_errors_name_the_study_once(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _error(capsys, "reproduce", "microbatch", "--epochs", "0")
+    assert "--epochs: expected a positive integer" in err and err.count("microbatch") == 1
+    err = _error(capsys, "reproduce", "all", "--quick", "--epochs", "0")
+    assert err.count("microbatch") == 1
+
+
+def test_a_repeated_study_option_is_an_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # (The last value is a bad one: were the first one dropped, this would fail, not train.)
+    for argv in (["--epochs", "1", "--epochs", "0"], ["--epochs=1", "--epochs=0"]):
+        err = _error(capsys, "reproduce", "microbatch", "--out", str(tmp_path), *argv)
+        assert "--epochs is given more than once" in err
+
+
+def test_a_missing_value_is_reported_after_an_unknown_option(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    err = _error(capsys, "reproduce", "microbatch", "--depths")
+    assert "microbatch has no option --depths" in err
+
+
+def test_version_after_reproduce(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--version"]) == 0
+    version = capsys.readouterr().out
+    assert version.startswith("normkit ")
+    for argv in (["reproduce", "microbatch", "--quick", "--version"], ["reproduce", "--version"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(argv)
+        assert exc.value.code == 0
+        captured = capsys.readouterr()
+        assert captured.out == version and captured.err == ""
+
+
 def test_bad_device_and_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--device 'nonsense'" in _error(
         capsys, "reproduce", "microbatch", "--device", "nonsense"

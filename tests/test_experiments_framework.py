@@ -381,9 +381,157 @@ def test_paired_test_with_zero_variance_differences() -> None:
         json.dumps(t.as_dict(), allow_nan=False)
 
 
-def test_paired_test_drops_non_finite_pairs() -> None:
-    t = stats.paired_test([5.0, float("nan"), 6.0, 7.0], [1.0, 2.0, None, 2.5])
-    assert t.n == 2 and "2 pair(s) with a non-finite value dropped" in t.note
+NAN = float("nan")
+
+
+def test_a_non_finite_value_counts_against_its_side() -> None:
+    # A loss (lower is better): the claimed-better method diverged on 3 of 5 seeds and was far
+    # better on the other two. Dropping those seeds would make the claim hold.
+    better = [NAN, None, float("inf"), 1.00, 1.10]
+    worse = [2.0, 2.1, 1.9, 2.0, 2.2]
+    t = stats.paired_test(better, worse, higher_is_better=False)
+    assert t.n == 5 and t.verdict == "did not hold"
+    assert t.mean_diff == pytest.approx(1.05)  # over the two seeds with finite values
+    # The verdict is the t-test's limit with each non-finite value replaced by a worse and worse
+    # finite one (the worst outcome for its side).
+    for bad in (1e6, 1e9):
+        imputed = [bad if v is None or not math.isfinite(v) else v for v in better]
+        assert t.p_opposite == pytest.approx(
+            ttest_rel(imputed, worse, alternative="greater").pvalue, rel=1e-3
+        )
+    assert "3 non-finite value(s) of the better side" in t.note
+    # The same seeds with the roles swapped: the non-finite values now support the claim.
+    swapped = stats.paired_test(worse, better, higher_is_better=False)
+    assert swapped.verdict == "held" and swapped.p == pytest.approx(t.p_opposite)
+    # A method that diverged on every seed did not beat one that trained.
+    assert stats.paired_test([NAN] * 3, [0.9, 0.8, 0.85]).verdict == "did not hold"
+
+
+def test_a_claim_never_holds_with_a_non_finite_better_run() -> None:
+    # Both diverged on seed 0 (a tie); the better side wins clearly on the other seeds.
+    better = [NAN, 10.0, 11.0, 12.0, 13.0, 12.5]
+    worse = [NAN, 1.0, 1.5, 2.0, 2.2, 1.0]
+    t = stats.paired_test(better, worse)
+    assert t.p is not None and t.p <= 0.05  # significant with the tie counted as a zero...
+    assert t.verdict == "inconclusive at this size"  # ...but not held
+    assert "not held: the better side has 1 non-finite value(s)" in t.note
+    finite = stats.paired_test(better[1:], worse[1:])
+    assert finite.verdict == "held"
+
+
+def test_zero_variance_tolerance_is_relative_to_the_data() -> None:
+    # A tiny-scale metric with a consistent effect: a plain t-test, as scipy.
+    tiny = stats.paired_test([3e-13, 4e-13, 5e-13], [0.0, 0.0, 0.0])
+    assert tiny.p == pytest.approx(ttest_rel([3e-13, 4e-13, 5e-13], [0, 0, 0], "greater").pvalue)
+    assert tiny.verdict == "held"
+    # Equal differences up to rounding (one test digit of 450 on both seeds): certain.
+    quantized = stats.paired_test([0.9 + 1 / 450, 0.8 + 1 / 450], [0.9, 0.8])
+    assert (quantized.verdict, quantized.p) == ("held", 0.0)
+    # Differences that overflow a float are not "all equal" (nor zero): the t-test of the values
+    # in units of the largest one.
+    huge = stats.paired_test([1.7e308, 1.0, 2.0], [-1.7e308, 0.5, 0.7])
+    assert huge.t is not None and huge.p == pytest.approx(
+        ttest_rel([2.0, 0.5 / 1.7e308, 1.3 / 1.7e308], [0, 0, 0], "greater").pvalue
+    )
+    json.dumps(huge.as_dict(), allow_nan=False)
+
+
+def test_alpha_must_leave_one_direction() -> None:
+    for alpha in (0.5, 0.6, 0.0, -0.1, NAN):
+        with pytest.raises(ValueError, match=r"alpha in \(0, 0.5\)"):
+            Claim("x", "A", "B", "m", alpha=alpha)
+        with pytest.raises(ValueError, match=r"alpha in \(0, 0.5\)"):
+            stats.paired_test([0.1, 0.1, -0.25], [0.0, 0.0, 0.0], alpha=alpha)
+    assert Claim("x", "A", "B", "m", alpha=0.1).alpha == 0.1
+
+
+def _records(
+    study: Study, metrics: Any, seeds: int = 5
+) -> tuple[list[Run], dict[str, dict[str, Any]]]:
+    runs = study.runs({"settings": ["s1"]}, list(range(seeds)))
+    # Through JSON, as the runner reads checkpoints back: NaN becomes null.
+    records = {r.key: {"metrics": runner.jsonable(metrics(r))} for r in runs}
+    return runs, records
+
+
+def test_claims_on_diverged_missing_and_partly_missing_metrics() -> None:
+    study = FakeStudy(
+        claims=(
+            Claim("A reaches a lower loss", "A", "B", "loss", higher_is_better=False),
+            Claim("typo", "A", "B", "scroe"),
+            Claim("on the seeds that report it", "A", "B", "sometimes"),
+        )
+    )
+
+    def metrics(r: Run) -> dict[str, Any]:
+        out: dict[str, Any] = {"score": 1.0, "curve": [1.0, 2.0]}
+        if r.method == "A":
+            out["loss"] = NAN if r.seed < 3 else 1.0 + 0.1 * r.seed
+        else:
+            out["loss"] = 2.0 + 0.05 * r.seed
+        if r.seed != 0:
+            out["sometimes"] = 5.0 + r.seed if r.method == "A" else 1.0 + 0.5 * r.seed
+        return out
+
+    runs, records = _records(study, metrics)
+    loss, typo, partly = runner.build_results(study, {}, runs, records)["claims"]
+    assert loss["n"] == 5 and loss["verdict"] == "did not hold"
+    assert typo["verdict"] == "not tested" and "'scroe' is not reported" in typo["note"]
+    assert partly["n"] == 4 and partly["verdict"] == "held"
+    assert "1 seed(s) left out: metric 'sometimes' not reported" in partly["note"]
+
+
+def test_a_claim_on_a_curve_stops_the_study_after_one_run(tmp_path: Path) -> None:
+    study = FakeStudy(claims=(Claim("A has a better curve", "A", "B", "curve"),))
+    with pytest.raises(runner.RunnerError, match=r"'curve'.*a curve \(a list\)"):
+        _run(study, tmp_path / "a", seeds=2)
+    assert study.calls == 1
+    # Resuming from finished runs: refused before any training.
+    _run(FakeStudy(), tmp_path / "b", seeds=2)
+    study = FakeStudy(claims=(Claim("A has a better curve", "A", "B", "curve"),))
+    with pytest.raises(runner.RunnerError, match="a curve"):
+        _run(study, tmp_path / "b", seeds=2, resume=True)
+    assert study.calls == 0
+    # build_results on such runs: the same error, not a TypeError.
+    runs, records = _records(study, lambda r: {"curve": [1.0, 2.0]}, seeds=2)
+    with pytest.raises(runner.RunnerError, match="a curve"):
+        runner.build_results(study, {}, runs, records)
+
+
+def test_printed_p_shows_its_side_of_alpha() -> None:
+    alpha = 0.05
+    for p in (0.04996, 0.049999, 0.05, 0.050001, 0.05004, 0.0312, 0.24, 0.9997):
+        assert (float(report.format_p(p, alpha)) <= alpha) == (p <= alpha), p
+    assert report.format_p(0.0312, alpha) == report.format_p(0.0312)  # no needless digits
+
+    def entry(better: list[float], worse: list[float]) -> dict[str, Any]:
+        t = stats.paired_test(better, worse)
+        return {
+            "text": "claim",
+            "metric": "m",
+            "better": {"method": "A", "setting": "s"},
+            "worse": {"method": "B", "setting": "s"},
+            "alpha": alpha,
+            **t.as_dict(),
+        }
+
+    lost = entry([0.0, 0.0, 0.0, 0.0], [0.1, 0.12, 0.09, 0.11])
+    assert lost["verdict"] == "did not hold"
+    results = {
+        "title": "t",
+        "paper": "p",
+        "seeds": [0, 1, 2, 3],
+        "settings": ["s"],
+        "methods": ["A", "B"],
+        "metrics": [],
+        "aggregates": {},
+        "claims": [lost],
+    }
+    text = report.render_terminal(results)
+    p_opp = report.format_p(lost["p_opposite"], alpha)
+    assert p_opp != report.format_p(lost["p"], alpha)
+    assert f"opposite direction p = {p_opp} ≤ 0.05" in text
+    assert p_opp in report.markdown_table(report._CLAIM_HEADERS, report._claim_rows(results))
 
 
 def test_aggregate() -> None:

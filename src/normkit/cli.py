@@ -206,6 +206,8 @@ def _build_parser() -> _Parser:
         "to 8, on cpu; 1 on an accelerator); results do not depend on it",
     )
     rep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # ``normkit reproduce STUDY --version`` prints the version as ``normkit --version`` does.
+    rep.add_argument("--version", action="version", version=_version(), help=argparse.SUPPRESS)
     sub.add_parser(
         "list", help="every layer, with its paper and what it is for", allow_abbrev=False
     )
@@ -316,18 +318,20 @@ def _parse_value(option: str, text: str, default: Any) -> Any:
         raise ValueError(f"{option}: expected {what}, got {text!r}") from exc
 
 
-_COMMON_FLAGS = {"--quick", "--resume", "--no-progress", "--help", "-h"}
+_COMMON_FLAGS = {"--quick", "--resume", "--no-progress", "--help", "-h", "--version"}
 _COMMON_VALUED = {"--seeds", "--out", "--device", "--jobs"}
 
 
-def _split_study_options(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+def _split_study_options(argv: Sequence[str]) -> tuple[list[str], dict[str, str | None]]:
     """Separate the study-specific options (``--batch-sizes 1,2`` or ``--batch-sizes=1,2``) of
     ``reproduce`` from the rest, wherever they stand; they come back as
-    ``{"batch_sizes": "1,2"}``."""
+    ``{"batch_sizes": "1,2"}``, with ``None`` for an option given without a value (an error once
+    the option is known to exist). An option given twice is an error."""
     if "reproduce" not in argv:
         return list(argv), {}
     start = argv.index("reproduce") + 1
-    rest, options = list(argv[:start]), {}
+    rest: list[str] = list(argv[:start])
+    options: dict[str, str | None] = {}
     i = start
     while i < len(argv):
         token = argv[i]
@@ -339,13 +343,17 @@ def _split_study_options(argv: Sequence[str]) -> tuple[list[str], dict[str, str]
             if "=" not in token and i + 1 < len(argv):
                 rest.append(argv[i + 1])
                 i += 1
-        elif "=" in token:
-            options[name[2:].replace("-", "_")] = token.split("=", 1)[1]
         else:
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                _fail(f"reproduce: option {token} expects a value")
-            options[name[2:].replace("-", "_")] = argv[i + 1]
-            i += 1
+            key = name[2:].replace("-", "_")
+            if key in options:
+                _fail(f"reproduce: option --{key.replace('_', '-')} is given more than once")
+            if "=" in token:
+                options[key] = token.split("=", 1)[1]
+            elif i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                options[key] = None
+            else:
+                options[key] = argv[i + 1]
+                i += 1
         i += 1
     return rest, options
 
@@ -362,7 +370,9 @@ def _auto_jobs(device: str) -> int:
     return max(1, min(8, count))
 
 
-def _reproduce(args: argparse.Namespace, options: dict[str, str], argv: Sequence[str]) -> int:
+def _reproduce(
+    args: argparse.Namespace, options: dict[str, str | None], argv: Sequence[str]
+) -> int:
     from normkit.experiments import runner
     from normkit.experiments.studies import STUDY_NAMES, StudyUnavailable, load_study
 
@@ -386,17 +396,12 @@ def _reproduce(args: argparse.Namespace, options: dict[str, str], argv: Sequence
         device = runner.check_device(args.device)
         # Every check before the first run: a typo must not surface after an hour of training.
         used: set[str] = set()
-        plans = []
+        bases = []
         for study in studies:
             base = study.config(args.quick, {})
             known = [k for k in base if k not in runner.RESERVED_KEYS]
-            overrides = {
-                key: _parse_value("--" + key.replace("_", "-"), text, base[key])
-                for key, text in options.items()
-                if key in known
-            }
-            used.update(overrides)
-            plans.append((study, overrides))
+            used.update(k for k in options if k in known)
+            bases.append((study, base, known))
         unused = [k for k in options if k not in used]
         if unused:
             flags = ", ".join("--" + k.replace("_", "-") for k in unused)
@@ -404,6 +409,17 @@ def _reproduce(args: argparse.Namespace, options: dict[str, str], argv: Sequence
                 listed = ", ".join("--" + k.replace("_", "-") for k in known)
                 _fail(f"{studies[0].name} has no option {flags} (its options: {listed})")
             _fail(f"reproduce: no selected study has the option(s) {flags}")
+        for key, text in options.items():
+            if text is None:
+                _fail(f"reproduce: option --{key.replace('_', '-')} expects a value")
+        plans = []
+        for study, base, known in bases:
+            overrides = {
+                key: _parse_value("--" + key.replace("_", "-"), text, base[key])
+                for key, text in options.items()
+                if key in known and text is not None
+            }
+            plans.append((study, overrides))
         for study, overrides in plans:
             config = runner.resolve_config(
                 study, quick=args.quick, overrides=overrides, seeds=args.seeds, device=device
@@ -497,18 +513,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return f"normkit {metadata.version('normkit')}"
+    except metadata.PackageNotFoundError:
+        return "normkit (version unknown)"
+
+
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _build_parser()
     rest, options = _split_study_options(argv)
     args = parser.parse_args(rest)
     if args.version:
-        from importlib import metadata
-
-        try:
-            print(f"normkit {metadata.version('normkit')}")
-        except metadata.PackageNotFoundError:
-            print("normkit (version unknown)")
+        print(_version())
         return 0
     if args.command == "list":
         return _list()

@@ -75,17 +75,42 @@ def format_mean_std(stat: Mapping[str, Any] | None, decimals: int | None = None)
     return out
 
 
-def _p_clause(p: float | None) -> str:
-    text = format_p(p)
-    return text if text.startswith("<") else f"= {text}"
+def _p_clause(p: float | None, alpha: float | None = None) -> str:
+    """``"= 0.0312 ≤ 0.05"``, ``"< 0.0001 ≤ 0.05"``, ``"= 0.24 > 0.05"``: p and its side of
+    ``alpha`` (the side is left out without an alpha or a p)."""
+    text = format_p(p, alpha)
+    clause = text if text.startswith("<") else f"= {text}"
+    if p is not None and alpha is not None:
+        clause += f" {'≤' if p <= alpha else '>'} {alpha:g}"
+    return clause
 
 
-def format_p(p: float | None) -> str:
+def format_p(p: float | None, alpha: float | None = None) -> str:
+    """p to 4 decimals (``"< 0.0001"`` below that); with ``alpha``, with as many more decimals
+    (up to 12) as it takes for the printed value to fall on the same side of ``alpha`` as p (a
+    verdict is decided at p ≤ alpha: 0.04996 prints as 0.04996, not 0.0500)."""
     if p is None:
         return DASH
-    if p < 1e-4:
+    if p < 1e-4 and (alpha is None or alpha > 1e-4):
         return "< 0.0001"
-    return f"{p:.4f}"
+    decimals = 4
+    if alpha is not None:
+        while decimals < 12:
+            shown = float(f"{p:.{decimals}f}")
+            if (shown <= alpha) == (p <= alpha) and (shown != alpha or p == alpha):
+                break
+            decimals += 1
+    return f"{p:.{decimals}f}"
+
+
+def _claim_p(claim: Mapping[str, Any]) -> str:
+    """The p cell of a claim's row: the claimed direction's p, and the opposite direction's p
+    when that one decided the verdict ("did not hold")."""
+    alpha = claim.get("alpha")
+    text = format_p(claim.get("p"), alpha)
+    if claim.get("verdict") == "did not hold" and claim.get("p_opposite") is not None:
+        text += f" (opposite direction: {format_p(claim['p_opposite'], alpha)})"
+    return text
 
 
 # --- tables --------------------------------------------------------------------------------
@@ -163,7 +188,7 @@ def _claim_rows(results: Mapping[str, Any]) -> list[list[str]]:
                 _comparison(c),
                 str(c.get("n", 0)),
                 diff,
-                format_p(c.get("p")),
+                _claim_p(c),
                 c["verdict"],
             ]
         )
@@ -187,10 +212,13 @@ def render_terminal(results: Mapping[str, Any]) -> str:
         parts.append(f"\n{metric}, mean ± std over {seeds} seed(s):")
         parts.append(text_table(["method", *results["settings"]], _metric_rows(results, metric)))
     for c in results["claims"]:
+        alpha = c.get("alpha")
+        p_text = f"one-sided {c.get('test', 'paired t-test')} p {_p_clause(c.get('p'), alpha)}"
+        if c["verdict"] == "did not hold" and c.get("p_opposite") is not None:
+            p_text += f"; opposite direction p {_p_clause(c['p_opposite'], alpha)}"
         parts.append(
             f"\nclaim: {c['text']}\n  {_comparison(c)} on {c['metric']}"
-            f": mean diff {_format_diff(c)}, n={c.get('n', 0)}, "
-            f"one-sided {c.get('test', 'paired t-test')} p {_p_clause(c.get('p'))} "
+            f": mean diff {_format_diff(c)}, n={c.get('n', 0)}, {p_text} "
             f"-> {c['verdict'].upper()}" + (f" ({c['note']})" if c.get("note") else "")
         )
     return "\n".join(parts)
@@ -222,8 +250,10 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         out += [
             "Each claim is a one-sided paired t-test over seeds unless its note names another "
             "test (`scipy.stats.ttest_rel`, alternative in the claimed direction; held at "
-            "p ≤ alpha, did not hold when the opposite direction is significant, inconclusive "
-            "otherwise).",
+            "p ≤ alpha, did not hold when the opposite direction is significant (its p is shown "
+            "beside), inconclusive otherwise). p is printed with the decimals that show its side "
+            "of alpha. A non-finite value counts as the worst outcome of its method, and a claim "
+            "is never held while its better side has one.",
             "",
             markdown_table(
                 [*_CLAIM_HEADERS, "note"],

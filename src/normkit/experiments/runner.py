@@ -60,7 +60,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
@@ -194,6 +194,17 @@ def check_out_dir(out: Path) -> Path:
     return out
 
 
+def _study_message(study: Study, exc: Exception) -> str:
+    """``"<study>: <message>"``, once: a message that already starts with the study's name
+    (``"study depth: ..."`` or ``"depth: ..."``) is not prefixed again."""
+    message = str(exc)
+    for prefix in (f"study {study.name}: ", f"{study.name}: "):
+        if message.startswith(prefix):
+            message = message[len(prefix) :]
+            break
+    return f"{study.name}: {message}"
+
+
 def resolve_config(
     study: Study,
     *,
@@ -211,7 +222,7 @@ def resolve_config(
     try:
         base = study.config(quick, {})
     except (ValueError, TypeError) as exc:
-        raise RunnerError(f"{study.name}: {exc}") from None
+        raise RunnerError(_study_message(study, exc)) from None
     unknown = [k for k in overrides if k not in base or k in RESERVED_KEYS]
     if unknown:
         options = ", ".join("--" + k.replace("_", "-") for k in base if k not in RESERVED_KEYS)
@@ -222,7 +233,7 @@ def resolve_config(
     try:
         config = dict(study.config(quick, overrides))
     except (ValueError, TypeError) as exc:
-        raise RunnerError(f"{study.name}: {exc}") from None
+        raise RunnerError(_study_message(study, exc)) from None
     if seeds is None:
         default = config.get("seeds")
         seeds = default if isinstance(default, int) and not isinstance(default, bool) else None
@@ -404,7 +415,10 @@ def _run_pending(
     jobs: int,
     threads: int,
     bar: ProgressBar,
+    finished: Callable[[Run], None] = lambda run: None,
 ) -> None:
+    """Execute ``pending``; ``finished(run)`` is called once each run's checkpoint exists (it
+    may raise to stop the study)."""
     if jobs <= 1 or len(pending) <= 1:
         with deterministic(threads):
             for run in pending:
@@ -418,12 +432,14 @@ def _run_pending(
                     functools.partial(bar.update, run.key),
                 )
                 bar.done(run.key)
+                finished(run)
         return
     # Spawned (not forked) workers: forking a process whose torch thread pools already ran can
     # deadlock. Each worker imports the study again by unpickling it.
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     tasks = [(study, run, config, str(runs_dir / checkpoint_name(run)), digest) for run in pending]
+    by_key = {run.key: run for run in pending}
     with ctx.Pool(min(jobs, len(pending)), _worker_init, (queue, threads)) as pool:
         results = pool.imap_unordered(_worker_run, tasks, chunksize=1)
         remaining = len(tasks)
@@ -439,6 +455,7 @@ def _run_pending(
             if key is not None:
                 bar.done(key)
                 remaining -= 1
+                finished(by_key[key])
 
 
 # --- output directory state --------------------------------------------------------------------
@@ -561,18 +578,52 @@ def _is_curve(v: Any) -> bool:
     return isinstance(v, list) and all(_is_scalar(x) and not isinstance(x, bool) for x in v)
 
 
+def _claim_pairs(claim: Claim, settings: Sequence[str]) -> list[tuple[str, str]]:
+    """The (better setting, worse setting) of each test of ``claim``."""
+    if claim.better_setting is not None and claim.worse_setting is not None:
+        return [(claim.better_setting, claim.worse_setting)]
+    return [(s, s) for s in (claim.settings or tuple(settings))]
+
+
+def check_claim_metrics(
+    study: Study,
+    claims: Sequence[Claim],
+    settings: Sequence[str],
+    run: Run,
+    metrics: Mapping[str, Any],
+) -> None:
+    """A :class:`RunnerError` if ``run`` is a side of one of ``claims`` and reports that claim's
+    metric as anything but a number (a curve, a text): a paired t-test needs a scalar. Called on
+    every checkpoint as soon as it exists, so a bad claim stops the study after one run rather
+    than after all of them."""
+    for claim in claims:
+        sides = {
+            side
+            for b_setting, w_setting in _claim_pairs(claim, settings)
+            for side in ((claim.better, b_setting), (claim.worse, w_setting))
+        }
+        if (run.method, run.setting) not in sides or claim.metric not in metrics:
+            continue
+        value = metrics[claim.metric]
+        if not _is_scalar(value):
+            kind = "a curve (a list)" if isinstance(value, list) else f"a {type(value).__name__}"
+            raise RunnerError(
+                f"{study.name}: claim {claim.text!r} tests metric {claim.metric!r}, which run "
+                f"{run.key} reports as {kind}; a claim needs a scalar metric"
+            )
+
+
 def _claim_tests(
+    study: Study,
     claim: Claim,
     values: Mapping[tuple[str, str, int], Mapping[str, Any]],
     settings: Sequence[str],
     seeds: Sequence[int],
 ) -> list[dict[str, Any]]:
-    if claim.better_setting is not None and claim.worse_setting is not None:
-        pairs = [(claim.better_setting, claim.worse_setting)]
-    else:
-        pairs = [(s, s) for s in (claim.settings or tuple(settings))]
+    for (method, setting, seed), metrics in values.items():
+        check_claim_metrics(study, [claim], settings, Run(method, setting, seed), metrics)
     tests = []
-    for b_setting, w_setting in pairs:
+    for b_setting, w_setting in _claim_pairs(claim, settings):
         entry: dict[str, Any] = {
             "text": claim.text,
             "metric": claim.metric,
@@ -583,18 +634,41 @@ def _claim_tests(
             "alpha": claim.alpha,
         }
         b_vals, w_vals = [], []
+        paired = unreported = 0
         for seed in seeds:
             b = values.get((claim.better, b_setting, seed))
             w = values.get((claim.worse, w_setting, seed))
-            if b is not None and w is not None:
-                b_vals.append(b.get(claim.metric))
-                w_vals.append(w.get(claim.metric))
+            if b is None or w is None:
+                continue
+            paired += 1
+            # A metric that a run does not report is not a diverged value (a diverged value is
+            # stored as null): the pair is left out, and a claim none of whose pairs report the
+            # metric is not tested.
+            if claim.metric not in b or claim.metric not in w:
+                unreported += 1
+                continue
+            b_vals.append(b[claim.metric])
+            w_vals.append(w[claim.metric])
         if not b_vals:
-            missing = [
-                f"{m} @ {s}"
-                for m, s in ((claim.better, b_setting), (claim.worse, w_setting))
-                if not any(key[:2] == (m, s) for key in values)
-            ]
+            if paired:
+                lacking = [
+                    f"{m} @ {s}"
+                    for m, s in ((claim.better, b_setting), (claim.worse, w_setting))
+                    if not any(
+                        key[:2] == (m, s) and claim.metric in met for key, met in values.items()
+                    )
+                ]
+                note = (
+                    f"metric {claim.metric!r} is not reported by any run of "
+                    f"{' or '.join(lacking) or 'both sides with a common seed'}"
+                )
+            else:
+                missing = [
+                    f"{m} @ {s}"
+                    for m, s in ((claim.better, b_setting), (claim.worse, w_setting))
+                    if not any(key[:2] == (m, s) for key in values)
+                ]
+                note = f"no runs of {' and '.join(missing) or 'both sides with a common seed'}"
             entry.update(
                 n=0,
                 mean_diff=None,
@@ -603,7 +677,7 @@ def _claim_tests(
                 p=None,
                 p_opposite=None,
                 verdict=stats.NOT_TESTED,
-                note=f"no runs of {' and '.join(missing) or 'both sides with a common seed'}",
+                note=note,
             )
         else:
             test = stats.paired_test(
@@ -614,6 +688,9 @@ def _claim_tests(
                 alpha=claim.alpha,
             )
             entry.update(test.as_dict())
+            if unreported:
+                left_out = f"{unreported} seed(s) left out: metric {claim.metric!r} not reported"
+                entry["note"] = "; ".join(x for x in (left_out, entry["note"]) if x)
         tests.append(entry)
     return tests
 
@@ -670,7 +747,7 @@ def build_results(
     claims = [
         test
         for claim in study.claims_for(config)
-        for test in _claim_tests(claim, values, settings, seeds)
+        for test in _claim_tests(study, claim, values, settings, seeds)
     ]
     results = {
         "study": study.name,
@@ -779,6 +856,18 @@ def run_study(
         r for r in runs if _load_checkpoint(runs_dir / checkpoint_name(r), r, digest) is None
     ]
     reused = len(runs) - len(pending)
+    claims = list(study.claims_for(config))
+    settings = list(dict.fromkeys(r.setting for r in runs))
+
+    def check_claims(run: Run) -> None:
+        record = _load_checkpoint(runs_dir / checkpoint_name(run), run, digest)
+        if record is not None and isinstance(record.get("metrics"), Mapping):
+            check_claim_metrics(study, claims, settings, run, record["metrics"])
+
+    to_do = set(pending)
+    for run in runs:  # the reused checkpoints, before any training
+        if run not in to_do:
+            check_claims(run)
     jobs = max(1, min(jobs, len(pending)))
     note(
         f"{study.name}: {len(pending)} run(s) to do"
@@ -787,7 +876,17 @@ def run_study(
     )
     bar = ProgressBar(study.name, len(pending), stream, progress)
     try:
-        _run_pending(study, pending, config, runs_dir, digest, jobs=jobs, threads=threads, bar=bar)
+        _run_pending(
+            study,
+            pending,
+            config,
+            runs_dir,
+            digest,
+            jobs=jobs,
+            threads=threads,
+            bar=bar,
+            finished=check_claims,
+        )
     finally:
         bar.close()
 

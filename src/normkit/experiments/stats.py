@@ -2,14 +2,17 @@
 
 The test is the evaluation protocol of Davis & Frank's official code:
 ``scipy.stats.ttest_rel(better, worse, alternative="greater")`` over seeds paired across methods,
-significant at ``p <= alpha`` (0.05). A claim is tested in both directions: "held" when the
-claimed direction is significant, "did not hold" when the opposite direction is, and
-"inconclusive at this size" otherwise, or with fewer than two paired seeds.
+significant at ``p <= alpha`` (0.05; any alpha in (0, 0.5), so that at most one direction can be
+significant). A claim is tested in both directions: "held" when the claimed direction is
+significant, "did not hold" when the opposite direction is, and "inconclusive at this size"
+otherwise, or with fewer than two paired seeds. A non-finite value (a diverged run) counts as the
+worst outcome of the method that produced it (see :func:`paired_test`).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -22,6 +25,7 @@ __all__ = [
     "PairedTest",
     "aggregate",
     "aggregate_curves",
+    "check_alpha",
     "finite_or_none",
     "paired_test",
 ]
@@ -32,6 +36,17 @@ INCONCLUSIVE = "inconclusive at this size"
 NOT_TESTED = "not tested"
 
 MIN_PAIRS = 2
+
+
+def check_alpha(alpha: float) -> float:
+    """``alpha`` if ``0 < alpha < 0.5``, else ``ValueError``.
+
+    From 0.5 up both one-sided tests could be significant at once (their p-values add up to 1),
+    and the verdict would depend on which direction is checked first.
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha < 0.5:
+        raise ValueError(f"expected alpha in (0, 0.5), got {alpha!r}")
+    return float(alpha)
 
 
 def finite_or_none(value: Any) -> float | None:
@@ -99,15 +114,18 @@ class PairedTest:
     """The outcome of one paired comparison (JSON-ready through :meth:`as_dict`)."""
 
     n: int
-    """Number of paired seeds used."""
+    """Number of paired seeds tested (pairs with a non-finite value included)."""
     mean_diff: float | None
-    """Mean of (better - worse), sign-flipped for a lower-is-better metric (margin not added)."""
+    """Mean of (better - worse), sign-flipped for a lower-is-better metric (margin not added),
+    over the pairs whose two values are finite."""
     std_diff: float | None
     t: float | None
-    """The t statistic (``None`` when undefined: fewer than 2 pairs, or zero variance)."""
+    """The t statistic (``None`` when undefined: fewer than 2 pairs, or zero variance); with
+    non-finite values, its limit (see :func:`paired_test`)."""
     p: float | None
     """p-value of the claimed direction (``None`` when there is no test)."""
     p_opposite: float | None
+    """p-value of the opposite direction (``None`` when there is no test)."""
     verdict: str
     note: str = ""
 
@@ -125,44 +143,90 @@ def paired_test(
 ) -> PairedTest:
     """One-sided paired t-test of "``better`` beats ``worse`` (by more than ``-margin``)".
 
-    ``better[i]`` and ``worse[i]`` come from the same seed. Pairs with a non-finite value are
-    dropped (and counted in the note). With the differences ``d = better - worse`` (negated for
-    a lower-is-better metric), the claimed direction is H1: mean(d) > -margin, tested by
-    ``ttest_rel(d + margin, 0, alternative="greater")``, and the opposite direction by
-    ``alternative="less"``.
+    ``better[i]`` and ``worse[i]`` come from the same seed. With the differences
+    ``d = better - worse`` (negated for a lower-is-better metric), the claimed direction is
+    H1: mean(d) > -margin, tested by ``ttest_rel(d + margin, 0, alternative="greater")``, and the
+    opposite direction by ``alternative="less"``. ``mean_diff`` and ``std_diff`` are over the
+    pairs whose two values are finite (margin not added).
+
+    **Non-finite values** (NaN, infinities, ``None``: a diverged run) are never dropped. A
+    non-finite value is the worst possible outcome for the method that produced it: a pair with
+    one non-finite side is a win for the other side by an unbounded difference, and a pair with
+    two is a tie (d = 0). With any unbounded difference the test is the t-test's limit as those
+    differences grow without bound, which depends on their signs only: the t-test of the signs
+    (+1 for a win of ``better``, -1 for a loss, 0 for the other pairs). So a non-finite value can
+    only count against the side that produced it. On top of that a claim is never "held" while
+    any value of its ``better`` side is non-finite (the note says so).
 
     Zero-variance differences make the t statistic undefined; then, if every shifted
     difference is the same non-zero number the direction is plain, and that direction gets
     p = 0 (the other p = 1); if they are all zero there is no evidence either way
-    (inconclusive, p = ``None``).
+    (inconclusive, p = ``None``). "The same" allows rounding: a spread within 16 units in the
+    last place of the largest input value.
     """
     if len(better) != len(worse):
         raise ValueError(f"paired_test: expected equal lengths, got {len(better)} and {len(worse)}")
-    pairs = [
-        (b, w)
-        for b, w in ((finite_or_none(b), finite_or_none(w)) for b, w in zip(better, worse))
-        if b is not None and w is not None
-    ]
-    dropped = len(better) - len(pairs)
-    notes = [f"{dropped} pair(s) with a non-finite value dropped"] if dropped else []
+    check_alpha(alpha)
+    b_clean = [finite_or_none(b) for b in better]
+    w_clean = [finite_or_none(w) for w in worse]
+    n = len(b_clean)
+    finite = [(b, w) for b, w in zip(b_clean, w_clean) if b is not None and w is not None]
+    b_bad = sum(b is None for b in b_clean)
+    w_bad = sum(w is None for w in w_clean)
+    losses = sum(b is None and w is not None for b, w in zip(b_clean, w_clean))
+    wins = sum(b is not None and w is None for b, w in zip(b_clean, w_clean))
+    ties = sum(b is None and w is None for b, w in zip(b_clean, w_clean))
     sign = 1.0 if higher_is_better else -1.0
-    diffs = [sign * (b - w) for b, w in pairs]
-    n = len(diffs)
+    # Work in units of the largest magnitude when values are huge, so no difference overflows
+    # (the t statistic does not depend on the unit).
+    largest = max([abs(margin), *(max(abs(b), abs(w)) for b, w in finite)], default=0.0)
+    unit = largest if largest > 1e150 else 1.0
+    diffs = [sign * (b / unit - w / unit) for b, w in finite]
     summary = aggregate(diffs)
-    mean_diff, std_diff = summary["mean"], summary["std"]
+    mean_diff = summary["mean"] * unit if summary["mean"] is not None else None
+    std_diff = summary["std"] * unit if summary["std"] is not None else None
+    notes = []
+    if b_bad or w_bad:
+        parts = [
+            f"{k} non-finite value(s) of the {side} side"
+            for k, side in ((b_bad, "better"), (w_bad, "worse"))
+            if k
+        ]
+        notes.append(
+            f"{' and '.join(parts)}, each counted as that side's worst outcome "
+            f"({wins} win(s), {losses} loss(es), {ties} tie(s) for the better side)"
+        )
 
     def result(t: float | None, p: float | None, p_opp: float | None, verdict: str) -> PairedTest:
-        return PairedTest(n, mean_diff, std_diff, t, p, p_opp, verdict, "; ".join(notes))
+        if verdict == HELD and b_bad:
+            notes.append(f"not held: the better side has {b_bad} non-finite value(s)")
+            verdict = INCONCLUSIVE
+        return PairedTest(
+            n,
+            finite_or_none(mean_diff),
+            finite_or_none(std_diff),
+            t,
+            p,
+            p_opp,
+            verdict,
+            "; ".join(notes),
+        )
 
     if n < MIN_PAIRS:
         notes.append(f"{n} paired seed(s); a paired t-test needs at least {MIN_PAIRS}")
         return result(None, None, None, INCONCLUSIVE)
-    shifted = [d + margin for d in diffs]
-    scale = max(1.0, *(abs(d) for d in shifted))
-    if max(shifted) - min(shifted) <= 1e-12 * scale:
+    if wins or losses:
+        # The limit of the t-test as the unbounded differences grow: the finite differences
+        # (and the margin) vanish beside them.
+        shifted = [1.0] * wins + [-1.0] * losses + [0.0] * (n - wins - losses)
+        tol = 0.0
+    else:
+        shifted = [d + margin / unit for d in diffs] + [margin / unit] * ties
+        tol = 16 * sys.float_info.epsilon * largest / unit
+    if max(shifted) - min(shifted) <= tol:
         # ttest_rel would return NaN: the standard error is zero.
         level = math.fsum(shifted) / n
-        if abs(level) <= 1e-12 * scale:
+        if abs(level) <= tol:
             notes.append("all differences are zero")
             return result(None, None, None, INCONCLUSIVE)
         notes.append("all differences are equal; the direction is certain")

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from normkit.experiments.stats import check_alpha
+
 Metrics = dict[str, Any]
 """What one run returns: scalar metrics (floats) and, optionally, curves (lists of floats)."""
 
@@ -43,7 +45,14 @@ class Claim:
     ``settings`` lists the settings the comparison is made at (one test each); empty means every
     setting of the study. The verdict per test: "held" if the one-sided paired t-test in the
     claimed direction gives p <= alpha; "did not hold" if the test in the opposite direction does;
-    "inconclusive at this size" otherwise (also with fewer than 2 paired seeds).
+    "inconclusive at this size" otherwise (also with fewer than 2 paired seeds). ``alpha`` must be
+    in (0, 0.5): from 0.5 up both directions could be significant at once. A non-finite value
+    counts as the worst outcome of its side, and a claim is never held while its ``better`` side
+    has one (see :func:`normkit.experiments.stats.paired_test`).
+
+    ``metric`` names a scalar metric of the runs. A claim on a metric that the runs report as a
+    list (a curve) stops the study with an error as soon as a run reports it; a claim on a metric
+    that no run of its sides reports is "not tested".
 
     Two optional refinements (both default to the plain claim above):
 
@@ -80,8 +89,12 @@ class Claim:
             )
         if self.margin < 0:
             raise ValueError(f"Claim {self.text!r}: expected margin >= 0, got {self.margin}")
-        if not 0.0 < self.alpha < 1.0:
-            raise ValueError(f"Claim {self.text!r}: expected alpha in (0, 1), got {self.alpha}")
+        try:
+            check_alpha(self.alpha)
+        except ValueError as exc:
+            raise ValueError(f"Claim {self.text!r}: {exc}") from None
+        if not isinstance(self.metric, str) or not self.metric:
+            raise ValueError(f"Claim {self.text!r}: expected a metric name, got {self.metric!r}")
 
 
 class ConfigError(ValueError):
