@@ -172,6 +172,18 @@ def test_pitman_morgan_against_a_hand_computation() -> None:
     assert shifted["verdict"] == stats.INCONCLUSIVE and shifted["p"] is None
 
 
+def test_a_diverged_run_of_the_steadier_side_keeps_the_spread_claim_from_holding() -> None:
+    better = [0.90, 0.91, 0.92, 0.90, 0.91, 0.90]
+    worse = [0.80, 0.95, 0.70, 0.93, 0.85, 0.75]
+    assert nas.pitman_morgan(better, worse)["verdict"] == stats.HELD
+    diverged = nas.pitman_morgan([*better[:-1], float("nan")], worse)
+    assert diverged["verdict"] == stats.INCONCLUSIVE and diverged["n"] == 5
+    assert "non-finite" in diverged["note"] and "not held" in diverged["note"]
+    # A diverged run of the worse side is only left out.
+    other = nas.pitman_morgan(better, [*worse[:-1], None])
+    assert other["verdict"] == stats.HELD and "left out" in other["note"]
+
+
 def test_a_run_is_deterministic_and_returns_json_metrics() -> None:
     cfg = STUDY.config(True, TINY)
     fractions: list[float] = []

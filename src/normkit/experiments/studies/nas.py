@@ -430,17 +430,23 @@ def _halves(data_seed: int) -> tuple[Tensor, Tensor]:
 # The variance test
 
 
+SPREAD_ALPHA = 0.05
+"""The significance level of the consistency claims (the framework's default)."""
+
+
 def pitman_morgan(
-    better: Sequence[float | None], worse: Sequence[float | None], *, alpha: float = 0.05
+    better: Sequence[float | None], worse: Sequence[float | None], *, alpha: float = SPREAD_ALPHA
 ) -> dict[str, Any]:
     """One-sided Pitman–Morgan test of "``better`` varies less than ``worse``" (paired samples).
 
-    ``better[i]`` and ``worse[i]`` come from the same seed; pairs with a non-finite value are
-    dropped. With ``u = worse + better`` and ``v = worse − better``, ``cov(u, v) = var(worse) −
-    var(better)``; the test is the one-sided test of a positive Pearson correlation ``r`` of u and
-    v: ``t = r · sqrt((n − 2) / (1 − r²))``, Student's t with ``n − 2`` degrees of freedom.
-    Returns ``{n, std_better, std_worse, r, t, p, p_opposite, verdict, note}``; the verdict rule
-    is the framework's. Needs 3 pairs.
+    ``better[i]`` and ``worse[i]`` come from the same seed; pairs with a non-finite value (a
+    diverged run) are left out of the test, but, as in the framework's ``paired_test``, the claim
+    is never "held" while a value of its ``better`` side is non-finite: a diverged run is no
+    evidence of a steadier method. With ``u = worse + better`` and ``v = worse − better``,
+    ``cov(u, v) = var(worse) − var(better)``; the test is the one-sided test of a positive Pearson
+    correlation ``r`` of u and v: ``t = r · sqrt((n − 2) / (1 − r²))``, Student's t with
+    ``n − 2`` degrees of freedom. Returns ``{n, std_better, std_worse, r, t, p, p_opposite,
+    verdict, note}``; the verdict rule is the framework's. Needs 3 pairs.
     """
     pairs = [
         (b, w)
@@ -491,6 +497,13 @@ def pitman_morgan(
         out["verdict"] = stats.HELD
     elif out["p_opposite"] <= alpha:
         out["verdict"] = stats.NOT_HELD
+    dropped = len(better) - n
+    if dropped:
+        note = f"{dropped} pair(s) with a non-finite value left out"
+        if out["verdict"] == stats.HELD and any(stats.finite_or_none(b) is None for b in better):
+            note += "; not held: a diverged run is no evidence of a steadier method"
+            out["verdict"] = stats.INCONCLUSIVE
+        out["note"] = "; ".join(x for x in (out["note"], note) if x)
     return out
 
 
@@ -504,7 +517,7 @@ def _fmt(x: float | None) -> str:
     return "—" if x is None else f"{x:.4f}"
 
 
-def spread_tests(results: Mapping[str, Any], alpha: float = 0.05) -> list[dict[str, Any]]:
+def spread_tests(results: Mapping[str, Any], alpha: float = SPREAD_ALPHA) -> list[dict[str, Any]]:
     """The consistency claims as claim entries of ``results.json`` (one per pair in
     :data:`SPREAD_CLAIMS` whose methods both ran), from ``results["runs"]``."""
     values: dict[str, dict[int, Any]] = {}
@@ -782,7 +795,7 @@ def _figures(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
         ax.bar(i, sd, 0.6, color=color[m], label=m)
     ax.set_xticks(range(len(methods)), methods)
     lines = [
-        f"{b} vs {w}: one-sided p = {report.format_p(t['p'])} ({t['verdict']})"
+        f"{b} vs {w}: one-sided p = {report.format_p(t['p'], SPREAD_ALPHA)} ({t['verdict']})"
         for (b, w), t in tests.items()
     ]
     ax.set_xlabel("norm layer during the search")
