@@ -7,25 +7,109 @@ ResNet built with ``norm_layer=``) can still run conditional layers::
         out = model(x)
 
 Inside the block every conditional layer called without an index uses ``domain``; an index passed
-explicitly, ``layer(x, domain)``, still wins. On exit every layer gets back the index it had
-before (none, or an outer block's), also when forward raises.
+explicitly, ``layer(x, domain)``, still wins. When the block exits (also when forward raises)
+its index stops applying: each layer uses the innermost block still open, or none.
 
 A layer joins by having a class attribute ``takes_domain = True`` and reading its
 ``context_domain`` attribute when called without an index, as normkit's conditional layers do.
+``context_domain`` is a descriptor (:class:`_ContextDomain`, installed on a layer class that lacks
+it the first time the class is conditioned): it gives the index of the innermost open block for
+the calling thread, else a value assigned to the attribute (``prepare_for_inference(model,
+domain=k)`` assigns one), else None.
 
-The index lives on the layers, so a model shared by threads that run different domains at the
-same time needs one model per thread (as for any module state).
+Where the index lives: each open block is an entry in a per-layer, per-thread stack (a
+``threading.local`` in the layer's ``__dict__``), and leaving a block removes its own entry. So
+blocks need not close in LIFO order, and threads conditioning one model with different domains at
+once each see their own. Asyncio tasks share their thread's stack: tasks that ``await`` inside
+blocks on one model with different domains see the most recently entered one. The stack is not
+copied: ``copy.deepcopy``, pickling, ``torch.save(model)`` made inside a block give a model with
+no index; a ``torch.nn.DataParallel`` replica (made inside the block, run by another thread) gets
+the index active when it was made. ``torch.compile`` reads the stack through guards, so a compiled
+model follows the index of each call without a graph break.
 """
 
 from __future__ import annotations
 
+import inspect
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 __all__ = ["condition", "conditional_layers"]
+
+
+DomainIndex = int | Tensor
+
+# The key of a layer's stack of open blocks in its ``__dict__`` (shared by a shallow copy, such as
+# a DataParallel replica; a deep copy or an unpickled model gets an empty one).
+_STACK_KEY = "_normkit_condition_stack"
+
+
+class _Stack(threading.local):
+    """The open ``condition`` blocks of one layer in the calling thread, innermost last.
+
+    ``domain`` (the innermost block's index, or None) is kept apart from ``entries`` so that a
+    compiled forward reads, and guards on, the index alone.
+    """
+
+    entries: tuple[tuple[object, DomainIndex], ...] = ()
+    domain: DomainIndex | None = None
+
+    def push(self, token: object, domain: DomainIndex) -> None:
+        self.entries = (*self.entries, (token, domain))
+        self.domain = domain
+
+    def remove(self, token: object) -> None:
+        self.entries = tuple(e for e in self.entries if e[0] is not token)
+        self.domain = self.entries[-1][1] if self.entries else None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Never copied nor pickled with its layer: a copy starts with no open block.
+        return (_Stack, ())
+
+
+class _ContextDomain:
+    """``layer.context_domain``: the innermost open block's index in this thread, else a value
+    assigned to the attribute (kept in the instance ``__dict__``, copied with the layer), else
+    the class default (None)."""
+
+    def __init__(self, default: Any = None) -> None:
+        self.default = default
+
+    def __get__(self, layer: Any, owner: type | None = None) -> Any:
+        if layer is None:
+            return self.default
+        stack = layer.__dict__.get(_STACK_KEY)
+        if stack is not None:
+            domain = stack.domain
+            if domain is not None:
+                return domain
+        return layer.__dict__.get("context_domain", self.default)
+
+    def __set__(self, layer: Any, value: Any) -> None:
+        layer.__dict__["context_domain"] = value
+
+    def __delete__(self, layer: Any) -> None:
+        layer.__dict__.pop("context_domain", None)
+
+
+def _join(layer: nn.Module) -> _Stack:
+    """The stack of ``layer`` (made on first use), its class given the descriptor if it lacks it."""
+    cls = type(layer)
+    found = inspect.getattr_static(cls, "context_domain", None)
+    if not isinstance(found, _ContextDomain):
+        if hasattr(type(found), "__get__"):
+            raise TypeError(
+                f"condition: expected {cls.__name__}.context_domain to be a plain value or "
+                f"normkit's descriptor, got a {type(found).__name__}"
+            )
+        setattr(cls, "context_domain", _ContextDomain(found))  # noqa: B010
+    stack: _Stack = layer.__dict__.setdefault(_STACK_KEY, _Stack())
+    return stack
 
 
 def conditional_layers(model: nn.Module) -> list[nn.Module]:
@@ -66,7 +150,8 @@ def condition(model: nn.Module, domain: int | Tensor) -> Iterator[nn.Module]:
             length are checked by each layer at forward, against its own number of domains.
 
     Nested blocks: the inner index applies inside the inner block, and the outer one again after
-    it. The index is cleared on exit, also when the block raises.
+    it. The index is cleared on exit, also when the block raises. The index is per thread, and
+    blocks may exit in any order (each removes its own index).
 
     Raises:
         ValueError: ``model`` has no conditional layer (a likely mistake: the index would be
@@ -86,14 +171,12 @@ def condition(model: nn.Module, domain: int | Tensor) -> Iterator[nn.Module]:
             f"condition: expected a model with conditional layers (SaBN, CCBN, AuxBN), got a "
             f"{type(model).__name__} with none"
         )
-    previous = [layer.__dict__.get("context_domain") for layer in layers]
+    stacks = [_join(layer) for layer in layers]
+    token = object()  # this block's entry, removed on exit wherever it is in the stack
     try:
-        for layer in layers:
-            setattr(layer, "context_domain", domain)  # noqa: B010 (not a Module attribute)
+        for stack in stacks:
+            stack.push(token, domain)
         yield model
     finally:
-        for layer, before in zip(layers, previous):
-            if before is None:
-                layer.__dict__.pop("context_domain", None)
-            else:
-                setattr(layer, "context_domain", before)  # noqa: B010
+        for stack in stacks:
+            stack.remove(token)

@@ -38,6 +38,7 @@ from normkit._fused import (
     sample_moments,
 )
 from normkit._stats import Synchronized, sync_moments, track_batch_
+from normkit.conditioning import _ContextDomain
 
 __all__ = ["DomainIndex", "SyncBatchNorm"]
 
@@ -61,8 +62,9 @@ class _BatchNormCore(Synchronized, _BatchNorm):
     _ranks: tuple[int, ...] = (4,)
     #: Whether :func:`normkit.condition` passes this layer an index.
     takes_domain = False
-    #: The index used when forward gets none (set by :func:`normkit.condition`).
-    context_domain: DomainIndex | None = None
+    #: The index used when forward gets none: the innermost open :func:`normkit.condition`
+    #: block's in the calling thread, else one assigned to the attribute, else None.
+    context_domain = _ContextDomain()
     #: Fused kernels for batch statistics in training (see :mod:`normkit._fused`); False runs
     #: the reference path, the formula written out step by step (for tests and debugging).
     fast = True
@@ -205,6 +207,13 @@ class _BatchNormCore(Synchronized, _BatchNorm):
 
     _shows_affine = True
     _shows_split = True
+
+    def _replicate_for_data_parallel(self) -> Any:
+        # DataParallel runs its replicas in worker threads, which do not see the calling thread's
+        # open normkit.condition blocks: a replica keeps the index active when it is made.
+        replica = super()._replicate_for_data_parallel()
+        replica.context_domain = self.context_domain
+        return replica
 
     @property
     def _needs_domain(self) -> bool:
