@@ -852,8 +852,8 @@ def freeze_norm(
     running statistics (its estimates with ``estimate=True``), and its channel part stays per
     sample, as it has no batch statistics; IterNorm whitens with its running mean and whitening
     matrices; EvoNorm-B0 uses its running variance beside its per-sample one. A frozen layer's
-    output for a sample therefore does not depend on the rest of the batch, in train mode too. Group norms have no statistics:
-    freezing one only stops its affine from training.
+    output for a sample therefore does not depend on the rest of the batch, in train mode too.
+    Group norms have no statistics: freezing one only stops its affine from training.
 
     Freezing is idempotent; :func:`unfreeze_norm` undoes it exactly. Frozen models deep-copy and
     pickle. :func:`convert_norm` leaves frozen layers alone. A model without any such norm
