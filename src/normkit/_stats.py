@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import weakref
 import zlib
+from collections import deque
 from typing import Any
 
 import torch
@@ -202,18 +203,28 @@ class _AllReduceSum(torch.autograd.Function):
     """Sum over ranks whose backward sums the gradients over ranks (the adjoint of a sum)."""
 
     @staticmethod
-    def forward(ctx: Any, t: Tensor, group: Any, layer: str) -> Tensor:
+    def forward(
+        ctx: Any,
+        t: Tensor,
+        group: Any,
+        layer: str,
+        what: str = "the all-reduce of batch statistics",
+    ) -> Tensor:
         ctx.group = group
         ctx.layer = layer
         out = t.clone()
-        _all_reduce(out, group, layer, "the all-reduce of batch statistics")
+        _all_reduce(out, group, layer, what)
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        out = grad.contiguous().clone()
-        _all_reduce(out, ctx.group, ctx.layer, "the all-reduce of the statistics' gradient")
-        return out, None, None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        # The sum over ranks is its own adjoint: the backward is this function again, so that
+        # double backward (a gradient penalty through synchronized statistics) differentiates
+        # it too. An in-place collective in the backward would be an identity to autograd under
+        # create_graph, and the second-order gradient would silently miss the other ranks.
+        what = "the all-reduce of the statistics' gradient"
+        out: Tensor = _AllReduceSum.apply(grad.contiguous(), ctx.group, ctx.layer, what)
+        return out, None, None, None
 
 
 # Layers already checked against their peers, with the group they were checked for. Weak keys,
@@ -348,3 +359,76 @@ def all_reduce_sum_(t: Tensor, group: Any = None, layer: str = "normkit") -> Ten
     """In-place sum over every rank of ``group``, without gradient; returns ``t``."""
     _all_reduce(t, group, layer, "the all-reduce of batch statistics")
     return t
+
+
+# -- activation checkpointing -----------------------------------------------------------------
+#
+# torch.utils.checkpoint runs a layer's forward a second time inside the backward. A layer whose
+# training output depends on state its forward updates (BatchRenorm's r and d, BCN's estimates)
+# must then neither update that state again nor read it as the first forward left it: it
+# *replays* the first forward, with the state that forward used, stashed for the purpose.
+
+
+def recomputing() -> bool:
+    """Whether this forward runs inside a backward pass: activation checkpointing recomputing
+    it (``torch.utils.checkpoint`` recomputes in the backward's graph task, and reads the same
+    signal). Never under ``torch.compile``, which recomputes inside its own graphs."""
+    if torch.compiler.is_compiling():
+        return False
+    return bool(torch._C._current_graph_task_id() != -1)
+
+
+def may_be_replayed() -> bool:
+    """Whether activation checkpointing may run this (eager, not recomputed) forward again:
+    gradients off (``use_reentrant=True`` runs the first forward under ``no_grad``) or saved
+    tensors hooked (``use_reentrant=False`` packs them with saved-tensor hooks). Plain training
+    forwards stash nothing."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if active is not None and active():
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
+
+
+def replay_key(x: Tensor) -> Tensor:
+    """A fingerprint of a layer's input: its per-(sample, channel) sums (one pass). A
+    recomputation sees the same input, so the same key finds what the first forward used."""
+    x = x.detach()
+    return x.sum(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x.clone()
+
+
+#: Forwards remembered per layer: several checkpointed forwards may await one backward
+#: (gradient accumulation); older ones are forgotten.
+REPLAY_DEPTH = 16
+
+_REPLAY: weakref.WeakKeyDictionary[Any, deque[tuple[Tensor, tuple[Tensor, ...]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def stash_for_replay(owner: Any, key: Tensor, values: tuple[Tensor, ...]) -> None:
+    """Remember ``values`` (tensors this forward used, which nothing may change in place
+    afterwards) for a recomputation of ``owner``'s forward on the input of ``key``."""
+    entries = _REPLAY.get(owner)
+    if entries is None:
+        entries = _REPLAY[owner] = deque(maxlen=REPLAY_DEPTH)
+    entries.append((key, values))
+
+
+def replayed_values(owner: Any, key: Tensor) -> tuple[Tensor, ...] | None:
+    """The values the newest remembered forward of ``owner`` on the input of ``key`` used;
+    else (an input recomputed differently, on an accelerator say) the newest forward's; None
+    when nothing is remembered (a forward that ran in a backward without checkpointing).
+    Entries stay: a second backward through a retained graph recomputes again."""
+    entries = _REPLAY.get(owner)
+    if not entries:
+        return None
+    for stashed, values in reversed(entries):
+        same = stashed.shape == key.shape and stashed.dtype == key.dtype
+        if same and stashed.device == key.device and torch.equal(stashed, key):
+            return values
+    return entries[-1][1]

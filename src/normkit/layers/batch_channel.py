@@ -10,6 +10,7 @@ produces the output.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -33,6 +34,11 @@ from normkit._stats import (
     all_reduce_sum_,
     estimate_update_,
     estimate_update_eager_,
+    may_be_replayed,
+    recomputing,
+    replay_key,
+    replayed_values,
+    stash_for_replay,
 )
 
 __all__ = ["BatchChannelNorm1d", "BatchChannelNorm2d", "BatchChannelNorm3d"]
@@ -51,6 +57,8 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
     #: Fused kernels in training (see :mod:`normkit._fused`); False runs the reference path,
     #: the formula written out step by step (for tests and debugging).
     fast = True
+    #: While a checkpointed micro-batch forward is recomputed: the estimates it used.
+    _replaying: tuple[Tensor, Tensor] | None = None
 
     def __init__(
         self,
@@ -129,6 +137,34 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
         return s
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.estimate and self.training and not torch.compiler.is_compiling():
+            return self._estimate_forward(input)
+        return self._forward(input)
+
+    def _estimate_forward(self, input: Tensor) -> Tensor:
+        """The micro-batch training forward under activation checkpointing: a recomputation
+        (:func:`normkit._stats.recomputing`) replays the first forward, normalizing with the
+        estimates that forward used and updating (and all-reducing) nothing; a forward that
+        may be recomputed remembers its estimates for that."""
+        if recomputing():
+            assert self.running_mean is not None and self.running_var is not None
+            used = replayed_values(self, replay_key(input))
+            if used is None:  # nothing remembered: the estimates as the last update left them
+                used = (self.running_mean.clone(), self.running_var.clone())
+            self._replaying = (used[0], used[1])
+            try:
+                return self._forward(input)
+            finally:
+                self._replaying = None
+        out = self._forward(input)
+        if may_be_replayed():
+            assert self.running_mean is not None and self.running_var is not None
+            # The forward normalized with the estimates after its update: the buffers now.
+            used = (self.running_mean.clone(), self.running_var.clone())
+            stash_for_replay(self, replay_key(input), used)
+        return out
+
+    def _forward(self, input: Tensor) -> Tensor:
         if kernels.is_enabled():
             out = self._kernel_call(input)
             if out is not None:
@@ -205,6 +241,13 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
             and kernels.affines_paired(*params)
         ):
             return None
+        rate = self.estimate_rate
+        if self.estimate and self._replaying is not None:
+            # A recomputation: the same kernel call (the backward reads what it saves) on
+            # copies of the estimates the first forward used, which a rate of 0 leaves as
+            # they are, and a scratch counter.
+            rm, rv = (t.to(x.dtype, copy=True) for t in self._replaying)
+            counts, rate = torch.zeros((), dtype=torch.long, device=x.device), 0.0
         y: Tensor = kernels.op("bcn_forward")(
             x,
             *kernels.in_dtype(x.dtype, *params),
@@ -215,7 +258,7 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
             self.group_affine == "per_channel",
             self.estimate,
             self.eps,
-            self.estimate_rate,
+            rate,
             -1.0 if self.momentum is None else self.momentum,
         )
         return y
@@ -348,8 +391,11 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
         """Per-channel mean and variance that the batch part normalizes with."""
         if self.estimate:
             assert self.running_mean is not None and self.running_var is not None
+            if self.training and self._replaying is not None:
+                return self._replaying
             if self.training:
-                return self._update_estimates(m, q, syncing)
+                spatial = math.prod(x.shape[2:])
+                return self._update_estimates(m, q, syncing, spatial)
             # Copies (C values each): the next training forward updates the buffers in place,
             # which must not invalidate this forward's graph (micro-batch gradient accumulation
             # runs several forwards before one backward).
@@ -362,8 +408,11 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
         return self._merge_and_track(mean, var, count, syncing)
 
     @torch.no_grad()
-    def _update_estimates(self, m: Tensor, q: Tensor, syncing: bool) -> tuple[Tensor, Tensor]:
-        """Update the estimates in place; return their new values (for this forward to use)."""
+    def _update_estimates(
+        self, m: Tensor, q: Tensor, syncing: bool, spatial: int
+    ) -> tuple[Tensor, Tensor]:
+        """Update the estimates in place; return their new values (for this forward to use).
+        ``spatial`` is the number of values behind each of the ``(N, C)`` moments."""
         # The variance is centred on the previous mean estimate, not on the batch mean, as in
         # the authors' estimated-statistics BN; it is stored biased.
         assert self.running_mean is not None and self.running_var is not None
@@ -376,12 +425,14 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
             batch_var = (q + (m - old_mean).square()).mean(dim=0)
             present = torch.ones((), dtype=torch.bool, device=m.device)
         else:
-            # Sums over every rank's samples (equal spatial sizes), in one all-reduce.
+            # Sums over every value of every rank, in one all-reduce: each sample's moments
+            # weigh by its ``spatial`` values, so ranks with other spatial sizes (multi-scale
+            # training) count as one process holding the whole batch would count them.
             sums = torch.stack(
                 [
-                    torch.full_like(old_mean, float(m.shape[0])),
-                    m.sum(dim=0),
-                    (q + (m - old_mean).square()).sum(dim=0),
+                    torch.full_like(old_mean, float(m.shape[0] * spatial)),
+                    m.sum(dim=0) * spatial,
+                    (q + (m - old_mean).square()).sum(dim=0) * spatial,
                 ]
             ).double()
             all_reduce_sum_(sums, self.process_group, type(self).__name__)

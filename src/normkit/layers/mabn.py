@@ -33,6 +33,10 @@ from normkit._stats import (
     _merge_dtype,
     all_reduce_sum_,
     ema_factor,
+    may_be_replayed,
+    replay_key,
+    replayed_values,
+    stash_for_replay,
 )
 from normkit.layers.weight_std import (
     _conv_twin,
@@ -329,15 +333,12 @@ class MovingAverageBatchNorm2d(Synchronized, _BatchNorm):
     second ``χ`` in the next ring row, ``running_var`` updated twice) and hand the backward the
     recomputed ``ψ²``, ``r`` and ring row. The layer therefore recognizes a forward that runs
     inside a backward pass (the signal ``torch.utils.checkpoint`` itself uses) and *replays*
-    the step: it reads the state the step left and writes nothing; ``buffer_gz`` is written
-    once, by the one backward. With ``use_reentrant=False`` (PyTorch's recommended mode) the
-    backward also keeps the first forward's ``ψ²``, ``r`` and row, so training is exactly as
-    without checkpointing, gradient accumulation included (tested). With the legacy
-    ``use_reentrant=True`` the backward runs on the replayed forward, whose ``r`` reads
-    ``running_var`` *after* this step's update: exact while ``r`` is 1 (the first
-    ``r_clamp_steps`` steps), slightly different after (a relative change of about ``momentum``
-    in ``r``), and gradient accumulation over several checkpointed forwards is not supported.
-    Under ``torch.compile``, which recomputes inside its own graphs, nothing is detected.
+    the step: it writes nothing and uses the first forward's ``ψ²``, ``r`` and ring row
+    (remembered by a forward that may be recomputed, and found again by its input);
+    ``buffer_gz`` is written once, by the one backward. Training is exactly as without
+    checkpointing in both modes, ``use_reentrant=False`` (PyTorch's recommended mode) and the
+    legacy ``use_reentrant=True``, gradient accumulation included (tested). Under
+    ``torch.compile``, which recomputes inside its own graphs, nothing is detected.
 
     **Synchronization** (:func:`normkit.convert_sync`): the forward sums ``x²`` over every rank
     (so ``χ_t`` is the whole batch's) and the backward sums ``g z``, so every replica holds the
@@ -518,7 +519,17 @@ class MovingAverageBatchNorm2d(Synchronized, _BatchNorm):
                 "training: the training gradient is MABN's moving-average approximation, not "
                 "the derivative of the forward, so no jvp matches it. Eval mode supports it."
             )
-        psi2, r, slot, warm, count = self._step(input, syncing, update=not _recomputing())
+        replay = _recomputing()
+        psi2, r, slot, warm, count = self._step(input, syncing, update=not replay)
+        if replay:
+            # The step's state as the first forward computed it (r read the running variance
+            # before that forward's update), for use_reentrant=True, whose backward runs on
+            # this recomputation; use_reentrant=False keeps the first forward's ctx anyway.
+            used = replayed_values(self, replay_key(input))
+            if used is not None:
+                psi2, r, slot, warm, count = used
+        elif may_be_replayed():
+            stash_for_replay(self, replay_key(input), (psi2, r, slot, warm, count))
         return _MABNFunction.apply(
             input,
             self.weight,

@@ -26,6 +26,13 @@ from normkit._checks import (
     check_positive,
 )
 from normkit._fused import batch_norm_train
+from normkit._stats import (
+    may_be_replayed,
+    recomputing,
+    replay_key,
+    replayed_values,
+    stash_for_replay,
+)
 from normkit.layers.core import DomainIndex, _BatchNormCore
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
@@ -33,6 +40,11 @@ __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 
 class _BatchRenorm(_BatchNormCore):
     _shows_split = False
+    #: While a checkpointed training forward is recomputed: the reference it used (``()``
+    #: where none was remembered: the buffers' current one), else None.
+    _replaying: tuple[Tensor, ...] | None = None
+    #: During a training forward that may be recomputed: the reference it stashes.
+    _pinned: tuple[Tensor, ...] | None = None
     r_max: float
     d_max: float
     warmup_steps: int
@@ -109,7 +121,29 @@ class _BatchRenorm(_BatchNormCore):
         return s + self._sync_repr()
 
     def forward(self, input: Tensor, domain: DomainIndex | None = None) -> Tensor:
-        return super().forward(input)
+        if not self.training or torch.compiler.is_compiling():
+            return super().forward(input)
+        # Activation checkpointing runs this forward again inside the backward. The recomputed
+        # forward replays the first one: r and d from the reference (running statistics and
+        # limits) the first forward read, and no update of the buffers or the step counter.
+        if recomputing():
+            used = replayed_values(self, replay_key(input))
+            self._replaying = () if used is None else used
+            try:
+                return super().forward(input)
+            finally:
+                self._replaying = None
+        if not may_be_replayed():
+            return super().forward(input)
+        reference = self._reference()
+        self._pinned = reference
+        try:
+            out = super().forward(input)
+        finally:
+            self._pinned = None
+        if reference:
+            stash_for_replay(self, replay_key(input), reference)
+        return out
 
     def clip_limits(self) -> tuple[Tensor, Tensor]:
         """The limits ``(r_max(t), d_max(t))`` the next training forward clips ``r`` and ``d`` to,
@@ -134,8 +168,22 @@ class _BatchRenorm(_BatchNormCore):
         params = super()._affines()
         if not self.training or self.running_mean is None or self.running_var is None:
             return params
+        # (A replay, or a first forward that stashed its reference: that reference.)
+        reference = self._replaying or self._pinned or self._reference()
+        return (*params, *reference)
+
+    def _reference(self) -> tuple[Tensor, ...]:
+        """``(running mean, running std, r limit, d limit)`` as the buffers are now; ``()``
+        without running statistics."""
+        if self.running_mean is None or self.running_var is None:
+            return ()
         ref_std = torch.sqrt(self.running_var + self.eps)
-        return (*params, self.running_mean.clone(), ref_std, *self.clip_limits())
+        return (self.running_mean.clone(), ref_std, *self.clip_limits())
+
+    def _update_running(self, mean: Tensor, var: Tensor, count: int | Tensor) -> None:
+        # A replay (see forward) leaves the running statistics and the step counter alone.
+        if self._replaying is None:
+            super()._update_running(mean, var, count)
 
     def _renorm_affine(
         self,
