@@ -331,3 +331,201 @@ def test_convert_sync_leaves_frozen_norms_alone() -> None:
     model = nk.freeze_norm(_ddp_model())
     converted = nk.convert_sync(model)
     assert type(converted[1]).__name__ == "FrozenBatchNorm2d" and not converted[4].sync
+
+
+# -- double backward, multi-scale micro-batches, activation checkpointing --------------------------
+
+# Layers whose gradient a gradient penalty differentiates again (double backward) through the
+# synchronized statistics (the all-reduce's backward is itself differentiable).
+GP_CASES = ["torch-bn2d", "sabn-split", "bcn", "bgn", "iternorm"]
+# BCN's micro-batch mode on ranks with different spatial sizes (multi-scale training).
+MULTI_SCALE = [(2, 4, 2, 2), (3, 4, 4, 4)]
+CKPT_CASES = ["bcn-micro", "brn-relaxed", "mabn"]
+
+
+def _gradient_penalty(layer: nn.Module, name: str, rows: list[int], rank: int | None) -> Any:
+    """``‖∂L/∂x‖²`` of this rank's rows (the gradient of the loss of every rank, as DDP sees
+    it), its gradients; the single-process reference gets every row."""
+    xs, weight = _data(name)
+    x = xs[0][rows].clone().requires_grad_()
+    domain = _domain(name, rows, "uneven", rank)
+    out = layer(x) if domain is None else layer(x, domain)
+    (gx,) = torch.autograd.grad((out * weight[rows]).square().sum(), x, create_graph=True)
+    penalty = gx.square().sum()
+    penalty.backward()
+    grads = {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+    return {"penalty": penalty.detach(), "x_grad": x.grad, "param_grads": grads}
+
+
+def _multi_scale(rank: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(10 + rank)
+    return torch.randn(MULTI_SCALE[rank], generator=g, dtype=F64) * (1 + rank) + 3 * rank
+
+
+def _bcn_multi_scale() -> nn.Module:
+    layer = nk.BatchChannelNorm2d(4, 2, estimate=True, estimate_rate=0.4, dtype=F64)
+    _randomize(layer)
+    return layer
+
+
+def _checkpointed(layer: nn.Module, name: str, rows: list[int], reentrant: bool) -> Any:
+    """Two training steps, the first through torch.utils.checkpoint; as :func:`_run`."""
+    from torch.utils.checkpoint import checkpoint
+
+    xs, weight = _data(name)
+    x = xs[0][rows].clone().requires_grad_()
+    out = checkpoint(layer, x, use_reentrant=reentrant)
+    (out * weight[rows]).sum().backward()
+    layer(xs[1][rows])
+    return {
+        "out": out.detach(),
+        "x_grad": x.grad,
+        "param_grads": {n: p.grad for n, p in layer.named_parameters()},
+        "buffers": {n: b.clone() for n, b in layer.named_buffers()},
+    }
+
+
+def _extra_worker(rank: int, store_path: str, out_dir: str) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store_path}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        rows = SPLITS["uneven"][rank]
+        results: dict[str, Any] = {}
+        for name in GP_CASES:
+            torch.manual_seed(0)
+            layer = CASES[name][0]()
+            _randomize(layer)
+            results[f"gp/{name}"] = _gradient_penalty(nk.convert_sync(layer), name, rows, rank)
+        layer = nk.convert_sync(_bcn_multi_scale())
+        x = _multi_scale(rank)
+        results["multi-scale"] = {
+            "out": layer(x).detach(),
+            "buffers": {n: b.clone() for n, b in layer.named_buffers()},
+        }
+        import warnings
+
+        warnings.simplefilter("ignore")  # reentrant mode's note on inputs without gradient
+        for name in CKPT_CASES:
+            for reentrant in (False, True):
+                torch.manual_seed(0)
+                layer = CASES[name][0]()
+                _randomize(layer)
+                layer = nk.convert_sync(layer)
+                results[f"ckpt/{name}/{reentrant}"] = _checkpointed(layer, name, rows, reentrant)
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def extra_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("dist-extra")
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=_extra_worker, args=(rank, str(tmp / "store"), str(tmp)))
+        for rank in range(WORLD)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("name", GP_CASES)
+def test_double_backward_through_synchronized_statistics(
+    name: str, extra_results: list[dict[str, Any]]
+) -> None:
+    """A gradient penalty on two ranks equals one process with the whole batch: the
+    second-order gradient reaches the other rank's statistics too."""
+    torch.manual_seed(0)
+    layer = CASES[name][0]()
+    _randomize(layer)
+    whole = _gradient_penalty(layer, name, list(range(CASES[name][1][0])), None)
+    rows = SPLITS["uneven"]
+    got = [extra_results[rank][f"gp/{name}"] for rank in range(WORLD)]
+    tol = {"rtol": 1e-7, "atol": 1e-7}
+    torch.testing.assert_close(sum(g["penalty"] for g in got), whole["penalty"], **tol)
+    for rank in range(WORLD):
+        torch.testing.assert_close(got[rank]["x_grad"], whole["x_grad"][rows[rank]], **tol)
+    for key, grad in whole["param_grads"].items():
+        summed = sum(g["param_grads"][key] for g in got)
+        torch.testing.assert_close(summed, grad, **tol, msg=f"{name}: grad of {key}")
+
+
+def test_micro_batch_estimates_weigh_ranks_by_values(extra_results: list[dict[str, Any]]) -> None:
+    """BCN's estimates from ranks with different spatial sizes: the update a single process
+    makes from every value of the batch (not from the mean of per-sample means)."""
+    layer = _bcn_multi_scale()
+    assert layer.running_mean is not None and layer.running_var is not None
+    values = torch.cat([_multi_scale(r).transpose(0, 1).reshape(4, -1) for r in range(WORLD)], 1)
+    old_mean, old_var = layer.running_mean.clone(), layer.running_var.clone()
+    mean = values.mean(1)
+    var = (values - old_mean.unsqueeze(1)).square().mean(1)
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.lerp(old_mean, mean, 0.4))
+        layer.running_var.copy_(torch.lerp(old_var, var, 0.4))
+    layer.eval()  # normalizes with the estimates, as training does after its update
+    for rank in range(WORLD):
+        got = extra_results[rank]["multi-scale"]
+        torch.testing.assert_close(got["buffers"]["running_mean"], layer.running_mean)
+        torch.testing.assert_close(got["buffers"]["running_var"], layer.running_var)
+        assert int(got["buffers"]["num_batches_tracked"]) == 1
+        torch.testing.assert_close(got["out"], layer(_multi_scale(rank)))
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("name", CKPT_CASES)
+def test_checkpointed_ranks_equal_one_plain_process(
+    name: str, reentrant: bool, extra_results: list[dict[str, Any]]
+) -> None:
+    """Layers whose output depends on state their forward updates, checkpointed on two ranks:
+    the recomputation replays each rank's first forward (no update, no all-reduce of the
+    update on any rank), so two steps equal one plain process with the whole batch."""
+    torch.manual_seed(0)
+    layer = CASES[name][0]()
+    _randomize(layer)
+    whole = _run(layer, name, list(range(CASES[name][1][0])), "uneven", None)
+    rows = SPLITS["uneven"]
+    tol = {"rtol": 1e-7, "atol": 1e-7}
+    got = [extra_results[rank][f"ckpt/{name}/{reentrant}"] for rank in range(WORLD)]
+    for rank in range(WORLD):
+        torch.testing.assert_close(got[rank]["out"], whole["out"][rows[rank]], **tol)
+        torch.testing.assert_close(got[rank]["x_grad"], whole["x_grad"][rows[rank]], **tol)
+        for key, buf in whole["buffers"].items():
+            torch.testing.assert_close(got[rank]["buffers"][key], buf, **tol, msg=key)
+    for key, grad in whole["param_grads"].items():
+        summed = sum(g["param_grads"][key] for g in got)
+        torch.testing.assert_close(summed, grad, **tol, msg=f"{name}: grad of {key}")
+
+
+def test_convert_sync_keeps_hooks_and_a_torch_sync_batchnorms_group() -> None:
+    group = object()  # stands in for a process group: nothing collective runs without one
+    bn = nn.SyncBatchNorm(4, process_group=group)
+    calls: list[str] = []
+    bn.register_forward_pre_hook(lambda m, args: calls.append("pre"))
+    bn.register_forward_hook(lambda m, args, out: calls.append("post"))
+    bn.register_full_backward_hook(lambda m, gin, gout: calls.append("backward"))
+    converted = nk.convert_sync(nn.Sequential(nn.Conv2d(3, 4, 1), bn))
+    assert isinstance(converted[1], nk.SyncBatchNorm) and converted[1].process_group is group
+    converted(torch.randn(2, 3, 3, 3, requires_grad=True)).sum().backward()
+    assert calls == ["pre", "post", "backward"]
+    reverted = nk.revert_sync(converted)
+    assert type(reverted[1]) is nn.SyncBatchNorm and reverted[1].process_group is group
+    calls.clear()
+    reverted.eval()(torch.randn(2, 3, 3, 3))
+    assert calls == ["pre", "post"]
+    # An explicit group wins over the one the torch layer had.
+    other = object()
+    assert nk.convert_sync(nn.SyncBatchNorm(4, process_group=group), other).process_group is other

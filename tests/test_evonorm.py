@@ -244,13 +244,18 @@ def test_b0_convert_sync_switches_it_and_changes_nothing_on_one_process() -> Non
     assert not model[1].sync and model[1].process_group is None
 
 
-def test_b0_is_not_a_batch_norm_for_freeze_norm() -> None:
-    # B0 holds no running mean, and freeze_norm's frozen form is a batch norm's eval: it stays a
-    # plain nn.Module, left alone by freeze_norm and convert_norm (eval() still uses running_var).
-    model = nn.Sequential(nn.Conv2d(3, C, 1), nk.EvoNormB0(C))
-    with pytest.warns(UserWarning, match="freeze_norm: expected a model with batch norms"):
-        nk.freeze_norm(model)
-    assert type(model[1]) is nk.EvoNormB0
+def test_freeze_norm_freezes_b0_to_its_eval_mode() -> None:
+    # B0 is not a _BatchNorm, but it has batch statistics (its running variance): freeze_norm
+    # freezes it to its eval mode, as it does a batch norm (convert_norm leaves it alone).
+    model = nn.Sequential(nn.Conv2d(C, C, 1), nk.EvoNormB0(C)).to(F64)
+    nk.freeze_norm(model)
+    assert isinstance(model[1], nk.EvoNormB0) and type(model[1]) is not nk.EvoNormB0
+    before = model[1].running_var.clone()
+    model.train()
+    x = _x((3, C, 2, 2))
+    out = model(x)
+    assert torch.equal(model[1].running_var, before)
+    torch.testing.assert_close(model(x[:1]), out[:1])  # no batch statistics
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

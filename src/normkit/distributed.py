@@ -17,6 +17,7 @@ of more than one rank, the converted layers compute exactly what they did before
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -54,12 +55,36 @@ def _swap(model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None]) 
     return model
 
 
+# nn.Module's hook registries (OrderedDicts of hooks, or of per-hook flags), where they exist.
+_HOOK_REGISTRIES = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_state_dict_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
 def _rebind(src: nn.Module, dst: nn.Module) -> nn.Module:
-    # The same Parameter and buffer objects, so optimizers and references keep working.
+    # The same Parameter and buffer objects, so optimizers and references keep working, and
+    # the same hooks: the replacement computes the same function, so what watched the old
+    # module watches the new one (torch's converter drops them).
     for key, param in src._parameters.items():
         dst._parameters[key] = param
     for key, buf in src._buffers.items():
         dst._buffers[key] = buf
+    for registry in _HOOK_REGISTRIES:
+        hooks = getattr(src, registry, None)
+        if hooks:
+            setattr(dst, registry, copy.copy(hooks))
+    # Whether the backward hooks are "full" ones (register_full_backward_hook) or the old kind.
+    dst._is_full_backward_hook = src._is_full_backward_hook
     dst.train(src.training)
     return dst
 
@@ -74,7 +99,8 @@ def convert_sync(
 
     Args:
         model: any module (itself a batch norm, possibly).
-        process_group: the group to synchronize over (None: the default group).
+        process_group: the group to synchronize over (None: the default group, except that
+            an ``nn.SyncBatchNorm`` keeps the group it already has).
         treat_as_bn: ``_BatchNorm`` subclasses to convert as if they were plain batch norms.
             Norms frozen by :func:`normkit.freeze_norm`, and :class:`normkit.FrozenBatchNorm2d`,
             are left as they are (they use running statistics).
@@ -127,13 +153,16 @@ def convert_sync(
             return None
         assert isinstance(module, _BatchNorm)
         found = True
+        group = process_group
+        if group is None and isinstance(module, nn.SyncBatchNorm):
+            group = module.process_group  # a torch SyncBatchNorm keeps the group it was given
         new = SyncBatchNorm(
             module.num_features,
             module.eps,
             module.momentum,
             module.affine,
             module.track_running_stats,
-            process_group,
+            group,
             device="meta",
         )
         new._local_cls = type(module)  # type: ignore[assignment]
