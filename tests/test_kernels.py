@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -271,6 +273,92 @@ def test_a_failed_build_raises_and_changes_nothing(monkeypatch: pytest.MonkeyPat
         kernels.enable()
     assert not kernels.is_enabled()
     assert not kernels.is_available()
+
+
+def test_a_failed_build_can_be_retried_in_the_same_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch records a build as done before running it; a failed one must not stay recorded,
+    or the next attempt skips the build and fails to load a library that was never made."""
+    from torch.utils import cpp_extension
+
+    versioner = cpp_extension.JIT_EXTENSION_VERSIONER
+
+    def failing(*args: Any, name: str, **kwargs: Any) -> None:
+        versioner.entries[name] = "recorded"  # what torch does before it builds
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(kernels, "_loaded", False)
+    monkeypatch.setattr(kernels, "_registered", lambda: False)
+    monkeypatch.setattr(cpp_extension, "load", failing)
+    name = kernels._build_name()
+    with pytest.raises(kernels.KernelBuildError, match="no compiler"):
+        kernels.build()
+    assert name not in versioner.entries
+
+
+def test_a_stale_torch_lock_is_cleared_and_a_live_build_waited_for(tmp_path: Path) -> None:
+    import subprocess
+
+    # A build killed by a signal leaves torch's lock file: without the clearing, the next
+    # build would wait for it forever.
+    (tmp_path / "lock").write_text("")
+    with kernels._build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
+    # A live build (another process holding the lock) is waited for, not cut short.
+    holder = (
+        "import fcntl, sys, time\n"
+        "f = open(sys.argv[1], 'a+b'); fcntl.flock(f.fileno(), fcntl.LOCK_EX)\n"
+        "print('held', flush=True); time.sleep(0.5)\n"
+        "open(sys.argv[2], 'w').write('released')\n"
+    )
+    marker = tmp_path / "released"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", holder, str(tmp_path / "normkit.lock"), str(marker)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        with kernels._build_lock(tmp_path):
+            assert marker.read_text() == "released"
+    finally:
+        proc.wait(timeout=30)
+
+
+def test_the_build_name_tells_cpus_and_installations_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    graviton2 = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32\n"
+    graviton3 = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 sve\n"
+    x86 = "processor\t: 0\nmodel name\t: x\nflags\t\t: fpu sse avx2\nbugs\t: none\n"
+    assert kernels._cpu_signature(graviton2) != kernels._cpu_signature(graviton3)
+    assert kernels._cpu_signature(x86) == "flags\t\t: fpu sse avx2"
+    name = kernels._build_name()
+    monkeypatch.setattr(sys, "prefix", sys.prefix + "-another-venv")
+    assert kernels._build_name() != name
+
+
+@pytest.mark.parametrize(
+    ("value", "wanted"),
+    [
+        *[("", False), ("0", False), ("false", False), ("No", False), ("off", False)],
+        *[("1", True), ("true", True), ("YES", True), (" on ", True)],
+    ],
+)
+def test_the_environment_variable_reads_yes_and_no_words(value: str, wanted: bool) -> None:
+    assert kernels._from_environment(value) is wanted
+
+
+def test_an_unknown_environment_value_is_an_error_at_import() -> None:
+    import subprocess
+
+    for value, expected in (("false", "False"), ("maybe", "NORMKIT_KERNELS")):
+        env = {**os.environ, "NORMKIT_KERNELS": value}
+        code = "import normkit.kernels as k; print(k.is_enabled())"
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert expected in (out.stdout if value == "false" else out.stderr), out
+        assert (out.returncode == 0) == (value == "false")
 
 
 @pytest.mark.parametrize("split", [False, True])

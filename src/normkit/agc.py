@@ -83,7 +83,10 @@ def adaptive_grad_clip_(
     zero-initialised weights. (The official code keeps JAX's ``(in, out)`` / ``HWIO`` layouts
     and reduces over the input axes; torch's layout puts the output unit on dim 0, so the units
     are the same. It also counts a weight that squeezes to one dimension, a linear layer with a
-    single input, as one unit; normkit, as timm, goes by the number of dimensions.)
+    single input, as one unit; normkit, as timm, goes by the number of dimensions. So the gain
+    of :class:`normkit.ScaledWSConv2d`, shaped ``(C_out, 1, 1, 1)`` as timm's is, is clipped
+    per output channel here and in timm, where the official code's ``(C_out,)`` gain is one
+    unit.)
 
     ε guards zero-initialised weights (a zero-init final layer, Fixup's last branch layers), whose
     gradients would otherwise be clipped to 0. A zero gradient is never clipped (no division by

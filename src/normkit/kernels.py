@@ -27,19 +27,29 @@ Example::
     >>> normkit.kernels.is_enabled()
     True
 
-``NORMKIT_KERNELS=1`` in the environment calls :func:`enable` when normkit is imported (and
-fails the import if the build fails, rather than silently running the slower path).
+``NORMKIT_KERNELS=1`` (or ``true``, ``yes``, ``on``) in the environment calls :func:`enable` when
+normkit is imported (and fails the import if the build fails, rather than silently running the
+slower path); ``0``, ``false``, ``no``, ``off`` or nothing leave them off, and any other value is
+an error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
 import shutil
+import sys
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 from torch import Tensor
@@ -69,18 +79,57 @@ _enabled = False
 _ops: dict[str, Any] = {}
 
 
+def _cpu_signature(cpuinfo: str) -> str:
+    """What of ``/proc/cpuinfo`` decides what ``-march=native`` may use: the first feature line
+    (``flags`` on x86, ``Features`` on Arm, where ``platform.processor()`` is empty)."""
+    for line in cpuinfo.splitlines():
+        key = line.partition(":")[0].strip().lower()
+        if key in ("flags", "features"):
+            return line.strip()
+    return ""
+
+
 def _build_name() -> str:
-    """A build name unique to the source, the flags, torch and this CPU: ``-march=native``
-    code must never be loaded on another machine sharing the same cache directory."""
+    """A build name unique to the sources, the flags, torch, this CPU and this installation.
+
+    ``-march=native`` code must never be loaded on another machine sharing the cache
+    directory. And torch's build command names the absolute source paths and the
+    environment's include paths: two checkouts or virtual environments sharing one name would
+    make ninja rebuild the other's build at every switch, so they get a name each.
+    """
     cpu = platform.machine() + platform.processor()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu += next((line for line in f if line.startswith("flags")), "")
+            cpu += _cpu_signature(f.read())
     except OSError:
         pass
     sources = [path.read_text(encoding="utf-8") for path in [*_SOURCES, *_HEADERS]]
-    key = "|".join([*sources, " ".join(_FLAGS), torch.__version__, cpu])
+    where = [str(Path(__file__).resolve().parent), str(Path(torch.__file__).resolve()), sys.prefix]
+    key = "|".join([*sources, " ".join(_FLAGS), torch.__version__, cpu, *where])
     return "normkit_kernels_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` for a build, and clear a stale torch lock.
+
+    torch's builder waits, with no time limit, for its lock file (``directory/lock``) to go
+    away; a build killed by a signal (a job scheduler's SIGTERM, a time limit) leaves it behind,
+    and every later build would then hang. Every normkit build first takes this ``flock``, which
+    the operating system releases when its holder dies: once it is ours, no live normkit build
+    holds torch's lock file, and one that is there is stale.
+    """
+    if fcntl is None:  # not a POSIX system: torch's lock alone
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "normkit.lock", "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            (directory / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _find_ninja() -> None:
@@ -112,19 +161,28 @@ def build(verbose: bool = False) -> None:
         _remember_ops()
         _loaded = True
         return
-    try:
-        from torch.utils import cpp_extension
+    name = _build_name()
+    from torch.utils import cpp_extension
 
+    try:
         _find_ninja()
-        cpp_extension.load(
-            name=_build_name(),
-            sources=[str(path) for path in _SOURCES],
-            extra_cflags=_FLAGS,
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=verbose,
-        )
+        directory = Path(cpp_extension._get_build_directory(name, verbose))
+        with _build_lock(directory):
+            cpp_extension.load(
+                name=name,
+                sources=[str(path) for path in _SOURCES],
+                extra_cflags=_FLAGS,
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+                build_directory=str(directory),
+                verbose=verbose,
+            )
     except Exception as exc:  # compiler, ninja, headers: all mean "not available here"
+        # torch records a build as done before it runs: without this, a later attempt in this
+        # process (the compiler installed meanwhile, say) would skip the build and fail to load
+        # a library that was never made, with a misleading error.
+        versioner = getattr(cpp_extension, "JIT_EXTENSION_VERSIONER", None)
+        getattr(versioner, "entries", {}).pop(name, None)
         raise KernelBuildError(
             f"normkit.kernels: could not build the CPU kernels ({type(exc).__name__}: {exc}); "
             "the layers keep their PyTorch path"
@@ -249,5 +307,15 @@ def in_dtype(dtype: torch.dtype, *tensors: Tensor | None) -> tuple[Tensor | None
     return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
 
 
-if os.environ.get("NORMKIT_KERNELS", "") not in ("", "0"):
+def _from_environment(value: str) -> bool:
+    """Whether ``NORMKIT_KERNELS=value`` asks for the kernels (the usual yes/no words)."""
+    word = value.strip().lower()
+    if word in ("", "0", "false", "no", "off"):
+        return False
+    if word in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"NORMKIT_KERNELS: expected 1/true/yes/on or 0/false/no/off, got {value!r}")
+
+
+if _from_environment(os.environ.get("NORMKIT_KERNELS", "")):
     enable()
