@@ -116,7 +116,8 @@ def domain_moments(
 
     Args:
         m, q: per-sample means and biased variances, ``(N, C)`` (from :func:`sample_moments`).
-        index: ``(N,)`` integer domain of each sample, in ``[0, num_domains)``.
+        index: ``(N,)`` int64 (``LongTensor``) domain of each sample, in ``[0, num_domains)``
+            (``one_hot`` takes no other integer dtype; the layers cast their index first).
         num_domains: K.
 
     Returns:
