@@ -10,9 +10,7 @@ parameter gradients (summed over ranks, as DDP would before averaging) and runni
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import normkit as nk
+from tests.gloo import init_gloo
 
 WORLD = 2
 F64 = torch.float64
@@ -180,15 +179,7 @@ def _run(
 
 
 def _worker(rank: int, store_path: str, out_dir: str, split: str) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store_path}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
+    init_gloo(rank, store_path, WORLD, timeout_s=60)
     try:
         results = {}
         for name, (factory, _, _) in CASES.items():
@@ -386,15 +377,7 @@ def _checkpointed(layer: nn.Module, name: str, rows: list[int], reentrant: bool)
 
 
 def _extra_worker(rank: int, store_path: str, out_dir: str) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store_path}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
+    init_gloo(rank, store_path, WORLD, timeout_s=60)
     try:
         rows = SPLITS["uneven"][rank]
         results: dict[str, Any] = {}

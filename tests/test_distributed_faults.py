@@ -19,35 +19,25 @@ spent starting processes low.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
 import normkit as nk
+from tests.gloo import init_gloo
 
 WORLD = 2
 TIMEOUT_S = 5.0  # the process group timeout of every scenario
 
 
 def _init(rank: int, store: str) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=TIMEOUT_S),
-    )
+    init_gloo(rank, store, WORLD, TIMEOUT_S)
 
 
 def _caught(call: Callable[[], Any]) -> dict[str, Any]:

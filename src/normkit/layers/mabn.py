@@ -34,6 +34,7 @@ from normkit._stats import (
     all_reduce_sum_,
     ema_factor,
     may_be_replayed,
+    recomputing,
     replay_key,
     replayed_values,
     stash_for_replay,
@@ -68,15 +69,6 @@ def _keep_format(grad: Tensor, like: Tensor) -> Tensor:
     ):
         return grad.contiguous(memory_format=torch.channels_last)
     return grad
-
-
-def _recomputing() -> bool:
-    """Whether this forward runs inside a backward pass: activation checkpointing recomputing
-    it (``torch.utils.checkpoint`` recomputes in the backward's graph task, and reads the same
-    signal). Never under ``torch.compile``, which recomputes inside its own graphs."""
-    if torch.compiler.is_compiling():
-        return False
-    return bool(torch._C._current_graph_task_id() != -1)
 
 
 def _moving_statistics(
@@ -519,7 +511,7 @@ class MovingAverageBatchNorm2d(Synchronized, _BatchNorm):
                 "training: the training gradient is MABN's moving-average approximation, not "
                 "the derivative of the forward, so no jvp matches it. Eval mode supports it."
             )
-        replay = _recomputing()
+        replay = recomputing()
         psi2, r, slot, warm, count = self._step(input, syncing, update=not replay)
         if replay:
             # The step's state as the first forward computed it (r read the running variance
