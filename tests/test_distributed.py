@@ -17,11 +17,10 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import normkit as nk
-from tests.gloo import init_gloo
+from tests.gloo import init_gloo, run_ranks
 
 WORLD = 2
 F64 = torch.float64
@@ -227,21 +226,7 @@ def rank_results(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[str, list[dict[str, Any]]]:
     split = request.param
-    tmp = tmp_path_factory.mktemp(f"dist-{split}")
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_worker, args=(rank, str(tmp / "store"), str(tmp), split))
-        for rank in range(WORLD)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    return split, [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return split, run_ranks(_worker, WORLD, tmp_path_factory.mktemp(f"dist-{split}"), split)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -409,21 +394,7 @@ def _extra_worker(rank: int, store_path: str, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def extra_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("dist-extra")
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_extra_worker, args=(rank, str(tmp / "store"), str(tmp)))
-        for rank in range(WORLD)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return run_ranks(_extra_worker, WORLD, tmp_path_factory.mktemp("dist-extra"))
 
 
 @pytest.mark.parametrize("name", GP_CASES)
