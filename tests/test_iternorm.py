@@ -399,3 +399,12 @@ def test_bad_input_is_refused_before_any_buffer_changes(
         layer(x)
     assert fragment in str(info.value)
     assert all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())
+
+
+def test_eval_without_running_statistics_refuses_one_value_per_channel() -> None:
+    # Eval without running statistics whitens with the batch's, as training does: one value
+    # per channel has no covariance (the output would be the bias alone).
+    layer = nk.IterNorm2d(4, group_size=2, track_running_stats=False).eval()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        layer(torch.randn(1, 4, 1, 1))
+    assert layer(torch.randn(2, 4, 1, 1)).shape == (2, 4, 1, 1)

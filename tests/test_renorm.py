@@ -258,6 +258,15 @@ def test_limits_follow_the_schedule_at_every_step(warmup: int, r_steps: int, d_s
             assert d_lim == 5.0
 
 
+def test_a_float64_layer_has_float64_limits() -> None:
+    layer = nk.BatchRenorm2d(
+        C, r_max=1.5, d_max=0.5, warmup_steps=2, r_max_steps=5, d_max_steps=4, dtype=F64
+    )
+    r_lim, d_lim = _limits_at(layer, 3)
+    assert r_lim == 1.0 + 0.5 * (3 - 1) / (5 - 1)
+    assert d_lim == 0.5 * (3 - 1) / (4 - 1)  # 1/6 exactly as a double, not float32's
+
+
 def test_training_steps_advance_the_schedule_and_eval_calls_do_not() -> None:
     layer = nk.BatchRenorm2d(C, warmup_steps=2, r_max_steps=4, d_max_steps=3)
     x = _x((4, C, 2, 2), 0).float()

@@ -181,7 +181,9 @@ class _IterNorm(Synchronized, nn.Module):
         if syncing:
             fields = {"num_features": self.num_features, "group_size": self.group_size}
             self._verify_peers({**fields, "T": self.T}, input.device)
-        if self.training and not syncing:
+        if (self.training or self.running_mean is None) and not syncing:
+            # Batch statistics (training, or eval without running ones): more than one value
+            # per channel, as nn.BatchNorm asks.
             check_batch_values(name, input)
         # Autocast would run the matrix products in half precision; the whitening needs float32.
         with _no_autocast(input):

@@ -149,7 +149,11 @@ class _BatchRenorm(_BatchNormCore):
         """The limits ``(r_max(t), d_max(t))`` the next training forward clips ``r`` and ``d`` to,
         as 0-dim tensors, at step ``t = num_batches_tracked``."""
         assert self.num_batches_tracked is not None
-        t = self.num_batches_tracked.to(torch.float32)
+        # In the statistics' dtype (float64 layers get float64 limits), at least float32.
+        dtype = torch.float32
+        if self.running_var is not None and self.running_var.dtype == torch.float64:
+            dtype = torch.float64
+        t = self.num_batches_tracked.to(dtype)
         return (
             1.0 + (self.r_max - 1.0) * self._ramp(t, self.r_max_steps),
             self.d_max * self._ramp(t, self.d_max_steps),
