@@ -172,6 +172,7 @@ def test_an_untraced_model_is_folded_only_when_asked() -> None:
     extractor = _eval_trained(_Extractor(), x)
     report = _assert_prepared_equals_eval(extractor, x)
     assert not report.traced and report.folded == [] and report.kept == ["body.1"]
+    assert "did not trace with torch.fx: nothing folded" in str(report)
     # Asked for, the neighbours fold, and for a Sequential that runs whole that is right.
     untraceable = _eval_trained(_Untraceable(), x)
     report = _assert_prepared_equals_eval(untraceable, x, sequential_fallback=True)

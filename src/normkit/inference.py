@@ -91,7 +91,10 @@ class InferenceReport:
         if self.kept:
             lines.append("norms kept: " + ", ".join(self.kept))
         if not self.traced:
-            lines.append("(the model did not trace with torch.fx: only nn.Sequential neighbours)")
+            lines.append(
+                "(the model did not trace with torch.fx: nothing folded, unless "
+                "sequential_fallback=True folded nn.Sequential neighbours)"
+            )
         return "\n".join(lines)
 
 
