@@ -1,7 +1,8 @@
 """MABN (``MovingAverageBatchNorm2d``) and ``CenConv2d`` against their definitions.
 
-The identities of ``related-methods.md`` §4.1, each a test: in warm-up (r ≡ 1) and with m = 1 the
-layer is "BN without centring" and its custom backward is the gradient of that function
+The identities of ``docs/mabn.md``, each a test: in warm-up and with m = 1 the layer is "BN
+without centring" with γ scaled by r (exactly BN without centring while r = 1, before
+``r_clamp_steps``) and its custom backward is the gradient of that function with r held constant
 (finite differences and autograd of :func:`tests.reference.uncentred_bn`); with m > 1 its
 backward is the documented formula (:class:`tests.reference.RefMABN`, written from the paper and
 the official code); a state_dict round trip keeps both rings and continues identically; eval is
@@ -100,6 +101,10 @@ def _assert_matches_reference(layer: nk.MovingAverageBatchNorm2d, ref: RefMABN) 
         pytest.param({"buffer_size": 4}, id="m4-warmup"),
         # m = 1 after warm-up: the average of a ring of one is the batch's own statistic.
         pytest.param({"buffer_size": 1, "warmup_iters": 0, "r_clamp_steps": 10}, id="m1-after"),
+        # Once r is no longer held at 1, γ is scaled by r (a constant for the backward): not
+        # BN without centring itself, in warm-up or with m = 1.
+        pytest.param({"buffer_size": 4, "r_clamp_steps": 1}, id="m4-warmup-r"),
+        pytest.param({"buffer_size": 1, "warmup_iters": 0, "r_clamp_steps": 1}, id="m1-after-r"),
     ],
 )
 def test_warmup_or_one_value_is_bn_without_centring_forward_and_backward(
@@ -107,11 +112,15 @@ def test_warmup_or_one_value_is_bn_without_centring_forward_and_backward(
 ) -> None:
     layer = _mabn(**options)
     for seed in range(3):  # three steps: the rings fill, the answer stays BN without centring
+        clamped = int(layer.num_batches_tracked) + 1 > layer.r_clamp_steps
+        ratio = ((_x(seed) ** 2).mean(dim=(0, 2, 3)) + layer.eps) / (layer.running_var + layer.eps)
+        r = ratio.sqrt().clamp(layer.r_min, layer.r_max) if clamped else torch.ones(C, dtype=F64)
+        assert (r != 1).all() == clamped
         got = _step(layer, seed)
         x = _x(seed).requires_grad_()
         w = layer.weight.detach().clone().requires_grad_()
         b = layer.bias.detach().clone().requires_grad_()
-        want = uncentred_bn(x, w, b, layer.eps)
+        want = uncentred_bn(x, w * r, b, layer.eps)
         want.backward(_cotangent(seed))
         torch.testing.assert_close(got["y"], want.detach(), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(got["dx"], x.grad, rtol=1e-12, atol=1e-12)

@@ -5,22 +5,26 @@ from __future__ import annotations
 import copy
 import io
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn import functional as F
+from torch.nn.utils import prune
 
 import normkit
 from normkit import (
     WS_PRESETS,
+    CenConv2d,
     ScaledWSConv2d,
     WSConv1d,
     WSConv2d,
     WSConv3d,
     WSLinear,
+    kernels,
     weight_standardize_,
 )
 
@@ -363,6 +367,190 @@ def test_cached_layer_pickles_and_deepcopies() -> None:
             torch.testing.assert_close(other(x), y)
             other.weight.mul_(2.0).add_(1.0)
             assert not torch.allclose(other(x), y)  # its own weight, not the original's
+
+
+# --- eval cache: storage identity, inference tensors, swapping ---------------------------------
+
+
+@pytest.fixture(params=[False, True], ids=["kernels-off", "kernels-on"])
+def kernels_on(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """Each test twice: with normkit's compiled kernels off and on (the WS kernel computes the
+    cached weight when they are on); their previous state is restored."""
+    was = kernels.is_enabled()
+    (kernels.enable if request.param else kernels.disable)()
+    try:
+        yield request.param
+    finally:
+        (kernels.enable if was else kernels.disable)()
+
+
+def test_eval_cache_holds_the_old_storage_so_data_assignments_are_seen(kernels_on: bool) -> None:
+    # ``.data =`` keeps the version counter. Were the cached weight's storage freed, the
+    # allocator could give its address to the next weight, and the key (version, pointer,
+    # shape) would match a stale entry. The entry holds that storage, so it cannot.
+    torch.manual_seed(23)
+    m = WSConv2d(4, 6, 3, dtype=D).eval()
+    x = torch.randn(2, 4, 5, 5, dtype=D)
+    with torch.no_grad():
+        m(x)
+        cached = StorageWeakRef(m.weight.untyped_storage())
+        cached_ptr = m.weight.data_ptr()
+        m.weight.data = torch.randn_like(m.weight)
+        between = StorageWeakRef(m.weight.untyped_storage())
+        m.weight.data = torch.randn_like(m.weight)
+        assert not cached.expired()  # held by the entry: its address cannot be reused
+        assert between.expired()  # never more than the one cached weight is kept
+        assert m.weight.data_ptr() != cached_ptr
+        torch.testing.assert_close(m(x), conv_reference(m, x, ref_paper(m.weight)))
+        assert cached.expired()  # replaced: the entry holds the current weight's storage
+        current = StorageWeakRef(m.weight.untyped_storage())
+        m.weight.data = torch.randn_like(m.weight)
+        m.clear_cache()
+        assert current.expired()
+
+
+def test_eval_cache_tells_apart_a_new_layout_of_the_same_storage() -> None:
+    torch.manual_seed(25)
+    m = WSConv2d(4, 4, 1, dtype=D).eval()
+    with torch.no_grad():
+        m.standardized_weight()
+        # Same storage, pointer, version counter, shape and dtype; other strides, other values.
+        m.weight.data = m.weight.data.transpose(0, 1)
+        torch.testing.assert_close(m.standardized_weight(), ref_paper(m.weight))
+
+
+def _wide(cls: type) -> Any:
+    return cls(4, 6, 3, padding=1)
+
+
+@pytest.mark.parametrize("cls", [WSConv2d, ScaledWSConv2d, CenConv2d])
+def test_layer_built_in_inference_mode_evaluates_like_a_plain_conv(
+    cls: type, kernels_on: bool
+) -> None:
+    # Inference tensors have no version counter, so the cache cannot watch them: such a
+    # layer computes its weight at every call, and behaves as a plain conv holding that weight.
+    torch.manual_seed(24)
+    x = torch.randn(2, 4, 5, 5)
+    with torch.inference_mode():
+        m = _wide(cls).eval()
+        assert m.weight.is_inference()
+        got = [m(x), m(x)]
+        plain = m.bake()
+        want = plain(x)
+    with torch.no_grad():
+        got.append(m(x))
+        want_no_grad = plain(x)
+    assert torch.equal(want, want_no_grad)
+    for y in got:
+        assert torch.equal(y, want)
+    assert m.__dict__["_ws_cache"] is None
+    with torch.inference_mode():
+        m.weight.mul_(-1.0).add_(0.5)  # in place, which nothing could track
+        torch.testing.assert_close(m(x), m.bake()(x))
+        assert not torch.allclose(m(x), want)
+
+
+@pytest.mark.parametrize(
+    "parametrize_",
+    [
+        pytest.param(
+            lambda m: nn.utils.parametrize.register_parametrization(m, "weight", _Centre()),
+            id="custom",
+        ),
+        pytest.param(nn.utils.parametrizations.spectral_norm, id="spectral_norm"),
+        pytest.param(nn.utils.parametrizations.weight_norm, id="weight_norm"),
+        pytest.param(lambda m: prune.random_unstructured(m, "weight", 0.5), id="prune"),
+    ],
+)
+def test_parametrized_ws_layer_loads_its_own_state_dict(
+    parametrize_: Callable[[nn.Module], Any],
+) -> None:
+    torch.manual_seed(26)
+    x = torch.randn(2, 4, 5, 5, dtype=D)
+    a, b = WSConv2d(4, 6, 3, dtype=D), WSConv2d(4, 6, 3, dtype=D)
+    for m in (a, b):
+        parametrize_(m)
+        m.eval()
+    b.load_state_dict(a.state_dict(), strict=True)
+    assert b.state_dict().keys() == a.state_dict().keys()
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x))
+        torch.testing.assert_close(b(x), F.conv2d(x, ref_paper(b.weight), b.bias))
+
+
+class _Centre(nn.Module):
+    def forward(self, w: Tensor) -> Tensor:
+        return w - w.mean(dim=(1, 2, 3), keepdim=True)
+
+
+class _Scaled(nn.Module):
+    """A parametrization with a right inverse: registering it sets (swaps) the original."""
+
+    def forward(self, w: Tensor) -> Tensor:
+        return 2.0 * w
+
+    def right_inverse(self, w: Tensor) -> Tensor:
+        return w / 2.0
+
+
+@pytest.fixture
+def swap_on_conversion() -> Iterator[None]:
+    """``torch.__future__.set_swap_module_params_on_conversion(True)`` for one test; the
+    previous setting is restored."""
+    was = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        yield
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(was)
+
+
+@pytest.mark.parametrize("cls", [WSConv2d, ScaledWSConv2d, CenConv2d])
+def test_an_eval_forward_does_not_block_swapping_the_parameters(
+    cls: type, kernels_on: bool, swap_on_conversion: None
+) -> None:
+    # With swapping on, .to() and load_state_dict swap each Parameter's contents
+    # (torch.utils.swap_tensors), which a weak reference to the Parameter forbids.
+    torch.manual_seed(27)
+    x = torch.randn(2, 4, 5, 5, dtype=D)
+    m = _wide(cls).eval()
+    weight = m.weight
+
+    def evaluate() -> Tensor:
+        with torch.no_grad():
+            out: Tensor = m(x.to(m.weight.dtype))
+        return out
+
+    def expected() -> Tensor:
+        with torch.no_grad():
+            out: Tensor = m.bake()(x.to(m.weight.dtype))
+        return out
+
+    evaluate()
+    old = StorageWeakRef(m.weight.untyped_storage())
+    m.to(D)
+    assert old.expired()  # the entry was dropped, not left holding the float32 weight
+    assert m.weight is weight and m.weight.dtype == D  # swapped, not re-bound
+    assert torch.equal(evaluate(), expected())
+    m.float()
+    evaluate()
+    m.double()
+    assert m.weight is weight and m.weight.dtype == D
+    assert torch.equal(evaluate(), expected())
+    for assign in (False, True):
+        other = _wide(cls).to(D).eval()
+        evaluate()
+        m.load_state_dict(other.state_dict(), assign=assign)
+        with torch.no_grad():
+            assert torch.equal(evaluate(), other(x))
+    evaluate()
+    new = torch.randn_like(m.weight)
+    torch.utils.swap_tensors(m.weight, nn.Parameter(new))
+    assert torch.equal(m.weight, new)
+    assert torch.equal(evaluate(), expected())
+    nn.utils.parametrize.register_parametrization(m, "weight", _Scaled())
+    assert torch.equal(evaluate(), expected())
+    torch.testing.assert_close(m.weight, new)
 
 
 # --- bake ---------------------------------------------------------------------------------------

@@ -284,8 +284,12 @@ class MovingAverageBatchNorm2d(Synchronized, _BatchNorm):
     For BN without centring, the gradient has this form with this batch's :math:`gz_t` (the
     term :math:`z \, gz_t` comes from differentiating through :math:`ψ^2 = χ_t`); MABN puts the
     moving average in its place, as it puts the moving average of :math:`χ` in the forward.
-    In warm-up (and with ``m = 1``) the two agree: the layer is then exactly "BN without
-    centring", ``γ x / sqrt(mean(x²) + ε) + β``, and its backward is that function's gradient.
+    In warm-up (and with ``m = 1``) the two agree: :math:`ψ^2 = χ_t`, the layer is "BN without
+    centring" with γ scaled by ``r``, ``γ r x / sqrt(mean(x²) + ε) + β``, and its backward is
+    that function's gradient with ``r`` held constant. It is exactly BN without centring,
+    ``γ x / sqrt(mean(x²) + ε) + β``, only while ``r`` is 1: the first ``r_clamp_steps``
+    steps, by default ``max(1000, warmup_iters)``, which covers all of warm-up when ``m`` is at
+    most that, but not an ``m = 1`` layer after step 1000.
 
     **Warm-up** is every step ``t`` (1 for the first training call) with ``t ≤ m`` or
     ``t < warmup_iters``, as the official code: ``ψ² = χ_t`` and :math:`\overline{gz} = gz_t`.

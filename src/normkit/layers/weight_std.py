@@ -47,21 +47,31 @@ all of these hold, otherwise the weight is standardized afresh:
   The cached tensor carries no graph, so with a trainable weight under grad mode the layer
   recomputes and gradients reach the weight exactly as in training;
 * the code is not being traced by ``torch.compile`` nor run under a ``torch.func`` transform, and
-  the weight is a plain tensor (not a tensor subclass such as DTensor).
+  the weight is a plain tensor (not a tensor subclass such as DTensor);
+* the weight (and ``gain``) is not an inference tensor (made under ``torch.inference_mode()``,
+  e.g. by building the layer there): it has no version counter to watch, so such a layer
+  standardizes at every call.
 
 The cache is invalidated when the weight changes: its identity, its version counter (bumped by
 every in-place update: ``optimizer.step()``, ``load_state_dict``, ``torch.nn.init``, in-place ops
-under ``torch.no_grad()``), its storage pointer, dtype, device or shape, or the layer's ``eps``,
-``unbiased``, ``eps_mode`` (and ScaledWS's ``gamma``) change. In-place edits made through
-``weight.data`` bypass the version counter; call :meth:`clear_cache` after them. The cache holds
-one extra copy of the weight per layer; :meth:`bake` gives a plain layer with no such copy.
+under ``torch.no_grad()``), its storage pointer, strides, dtype, device or shape, or the layer's
+``eps``, ``unbiased``, ``eps_mode`` (and ScaledWS's ``gamma``) change. The cache keeps the
+storage of the weight it was computed from alive, so no new storage can take its address: a
+``weight.data = t`` assignment (which keeps the version counter) is always seen. In-place edits
+made through ``weight.data`` bypass the version counter; call :meth:`clear_cache` after them.
+Conversions (``.to()``, ``.double()``, ...) and ``load_state_dict`` drop the cache first, and it
+holds no weak reference to the weight, so parameter swapping
+(``torch.__future__.set_swap_module_params_on_conversion``) works. The cache holds one extra copy
+of the weight per layer, plus, after the weight was replaced and until the next eval call, the
+replaced weight's storage (never more than one old weight); :meth:`bake` gives a plain layer with
+no such copy.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 import warnings
-import weakref
 from collections.abc import Callable, Collection
 from typing import Any, Literal, NamedTuple, TypeVar
 
@@ -280,10 +290,19 @@ def _check_fan_in(layer: str, weight: Tensor, unbiased: bool) -> None:
 
 
 class _CacheEntry(NamedTuple):
-    key: tuple[object, ...]
-    # Weak references: they do not keep a replaced weight alive, and a new weight that reuses
-    # its storage (same pointer, version and shape) is still told apart by identity.
-    refs: tuple[weakref.ref[Tensor], ...]
+    """The eval cache: ``value`` was computed from ``sources`` as ``key`` describes them.
+
+    ``sources`` (strong references) gives the identity check: a new tensor object on the old
+    storage (same pointer, version and shape) is told apart. ``storages`` keeps each source's
+    storage alive while the entry lives, so no new storage can be allocated at the recorded
+    address: a ``.data =`` assignment, which keeps the version counter, always changes the
+    pointer. Weak references would save nothing (the storage is held anyway) and would block
+    ``torch.utils.swap_tensors`` on the weight.
+    """
+
+    key: list[object]
+    sources: tuple[Tensor, ...]
+    storages: tuple[torch.UntypedStorage, ...]
     value: Tensor
 
 
@@ -316,7 +335,7 @@ class _StandardizedWeight(nn.Module):
 
     def _may_use_cache(self, sources: tuple[Tensor, ...]) -> bool:
         # Checked in this order so that a compiled forward stops at a constant and never traces
-        # the weakref and version-counter bookkeeping below.
+        # the identity and version-counter bookkeeping below.
         if self.training or torch.compiler.is_compiling():
             return False
         if torch._C._are_functorch_transforms_active():
@@ -326,6 +345,8 @@ class _StandardizedWeight(nn.Module):
             if type(t) not in _PLAIN_TENSOR_TYPES:
                 return False
             if grad_mode and t.requires_grad:
+                return False
+            if t.is_inference():  # no version counter to watch (made in inference mode)
                 return False
         return True
 
@@ -338,22 +359,26 @@ class _StandardizedWeight(nn.Module):
         sources = self._cache_sources()
         if not self._may_use_cache(sources):
             return self._compute_weight()
-        key = (
-            self._cache_config(),
-            *((t._version, t.data_ptr(), t.dtype, t.device, t.shape) for t in sources),
-        )
+        # (A loop and map(operator.is_): this runs on every eval call, and generators cost.)
+        key: list[object] = [self._cache_config()]
+        for t in sources:
+            key.append((t._version, t.data_ptr(), t.dtype, t.device, t.shape, t.stride()))
         entry = self.__dict__.get("_ws_cache")
         if (
             entry is not None
             and entry.key == key
-            and all(r() is t for r, t in zip(entry.refs, sources))
+            and all(map(operator.is_, entry.sources, sources))
         ):
             return entry.value
+        # Dropped first: the old entry's storages (a replaced weight) may be freed before the
+        # new value is allocated, so the cache never keeps more than one old weight alive.
+        self._ws_cache = None
+        storages = tuple(t.untyped_storage() for t in sources)
         # Computed outside inference mode so that the cached tensor stays usable later with grad
         # mode on (an inference tensor cannot be saved for backward, e.g. for an input gradient).
         with torch.inference_mode(False), torch.no_grad():
             value = self._compute_weight()
-        self._ws_cache = _CacheEntry(key, tuple(weakref.ref(t) for t in sources), value)
+        self._ws_cache = _CacheEntry(key, sources, storages, value)
         return value
 
     def clear_cache(self) -> None:
@@ -365,8 +390,17 @@ class _StandardizedWeight(nn.Module):
             self._ws_cache = None
         return super().train(mode)
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Any:
+        # .to(), .double(), .cuda(), share_memory(), to_empty(): the entry would keep the old
+        # weight's storage alive (a second copy, on the old device) and describes a weight that
+        # is about to be replaced or swapped (torch.__future__.set_swap_module_params_on_
+        # conversion). Dropped first; rebuilt by the next eval call.
+        self._ws_cache = None
+        return super()._apply(fn, recurse)
+
     def __getstate__(self) -> dict[str, Any]:
-        # The cache holds weakrefs, which cannot be pickled; it is rebuilt on the next eval call.
+        # The cache (the value and the sources' storages) is not saved; the next eval call
+        # rebuilds it.
         state: dict[str, Any] = super().__getstate__()
         state["_ws_cache"] = None
         return state
@@ -381,10 +415,18 @@ class _StandardizedWeight(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        # The weight is about to be copied into or swapped (and the entry would keep its old
+        # storage alive): drop the cache first.
+        self._ws_cache = None
         # A WS layer made with torch.nn.utils.parametrize saves its raw weight under this key;
-        # accepting it lets such checkpoints load (with the preset they were trained with).
+        # accepting it lets such checkpoints load (with the preset they were trained with). Only
+        # into a plain registered ``weight``: a layer parametrized itself owns that key.
         legacy = prefix + "parametrizations.weight.original"
-        if prefix + "weight" not in state_dict and legacy in state_dict:
+        if (
+            self._parameters.get("weight") is not None
+            and prefix + "weight" not in state_dict
+            and legacy in state_dict
+        ):
             state_dict[prefix + "weight"] = state_dict.pop(legacy)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
