@@ -269,7 +269,22 @@ def _state(model: nn.Module) -> dict[str, Tensor]:
         (  # an official CCBN has no shared affine
             lambda: OfficialSharedSaBN(C, K, affine=False),
             lambda: nk.SandwichBatchNorm2d(C, K),
-            ("expected a CategoricalConditionalBatchNorm layer", "got '<root>'"),
+            ("expected a CategoricalConditionalBatchNorm(split_stats=False) layer", "got '<root>'"),
+        ),
+        (  # shared statistics cannot go into split ones: training would differ
+            lambda: OfficialSharedSaBN(C, K, affine=True),
+            lambda: nk.SandwichBatchNorm2d(C, K, split_stats=True),
+            ("expected a SandwichBatchNorm(split_stats=False) layer", "split_stats=True)"),
+        ),
+        (
+            lambda: OfficialSharedSaBN(C, K, affine=False),
+            lambda: nk.CategoricalConditionalBatchNorm2d(C, K, split_stats=True),
+            ("CategoricalConditionalBatchNorm(split_stats=False)", "split_stats=True)"),
+        ),
+        (  # an AuxBN's statistics are split
+            lambda: OfficialSharedSaBN(C, K, affine=False),
+            lambda: nk.AuxBatchNorm2d(C, K),
+            ("CategoricalConditionalBatchNorm(split_stats=False)", "got '<root>' (AuxBatchNorm2d"),
         ),
         (  # per-index statistics cannot go into shared ones
             lambda: OfficialNasSaBN(C, K),

@@ -35,6 +35,9 @@ from torch.autograd import gradcheck, gradgradcheck
 from torch.func import functional_call
 
 import normkit as nk
+from normkit import kernels
+from normkit.layers.batch_channel import _BatchChannelNorm
+from normkit.layers.core import _BatchNormCore
 from tests.layer_table import LAYERS, LayerRecord, layer_params
 
 CASES = layer_params()
@@ -601,3 +604,46 @@ def test_bfloat16_autocast(rec: LayerRecord, kind: str | None, training: bool) -
         # the same precision (torch.testing's bfloat16 tolerances).
         assert twin is not None and twin.same_function and twin_out is not None
         torch.testing.assert_close(out, twin_out)
+
+
+# Layers of the batch-norm core and BCN: track_running_stats set to False on a built layer.
+TOGGLE_CASES = layer_params(
+    r for r in LAYERS if issubclass(r.cls, (_BatchNormCore, _BatchChannelNorm))
+)
+
+
+@pytest.mark.parametrize("path", ["reference", "fast", "kernels"])
+@pytest.mark.parametrize(("rec", "kind"), TOGGLE_CASES)
+def test_track_running_stats_turned_off_on_a_built_layer_freezes_the_buffers(
+    rec: LayerRecord, kind: str | None, path: str
+) -> None:
+    """As ``nn.BatchNorm`` (which passes no buffers to the update then): training normalizes
+    with batch statistics, as the layer without buffers does, and changes no buffer and no
+    count; eval keeps using the (kept) running statistics. BCN's micro-batch mode normalizes
+    with its frozen estimates, as in eval."""
+    layer = rec.build()
+    original = copy.deepcopy(layer)
+    layer.track_running_stats = False
+    layer.fast = path != "reference"
+    buffers = {name: b.clone() for name, b in layer.named_buffers()}
+    args = rec.args(kind)
+    layer.train()
+    if path == "kernels":
+        kernels.enable()
+    try:
+        out = layer(*args)
+        out.sum().backward()
+    finally:
+        kernels.disable()
+    for name, b in layer.named_buffers():
+        assert torch.equal(b, buffers[name]), name
+    reference = copy.deepcopy(original)
+    reference.fast = False
+    if getattr(layer, "estimate", False):
+        reference.eval()  # the estimates as they are
+    else:
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            setattr(reference, name, None)
+    with torch.no_grad():
+        torch.testing.assert_close(out, reference(*args))
+        torch.testing.assert_close(layer.eval()(*args), original.eval()(*args))

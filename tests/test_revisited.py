@@ -153,6 +153,114 @@ def test_bn_param_groups_ignore_parameter_names_and_count_shared_modules_once() 
     assert [id(p) for p in groups["decay"]["params"]] == [id(net[1].bn_weight)]
 
 
+def _group_names(model: nn.Module) -> dict[str, list[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = nk.bn_param_groups(model, lr=0.1, weight_decay=5e-4)
+    return {g["name"]: sorted(names[id(p)] for p in g["params"]) for g in groups}
+
+
+def test_bn_param_groups_decay_spectral_and_weight_norm_weights() -> None:
+    # Hook-based and parametrization-based spectral/weight norm keep a conv's or linear
+    # layer's weight under other names: it still decays (the paper and official code decay
+    # conv and linear weights); only the bias (a parametrized one included) takes none.
+    import warnings
+
+    from torch.nn.utils import parametrizations, parametrize
+
+    class Positive(nn.Module):
+        def forward(self, b: torch.Tensor) -> torch.Tensor:
+            return b.abs()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # (the deprecated hook-based API)
+        sn = nn.utils.spectral_norm(nn.Conv2d(3, 8, 3))
+        wn = nn.utils.weight_norm(nn.Linear(8, 8))
+    psn = parametrizations.spectral_norm(nn.Conv2d(8, 8, 3))
+    pwn = parametrizations.weight_norm(nn.Conv2d(8, 8, 1))
+    pbias = nn.Linear(8, 4)
+    parametrize.register_parametrization(pbias, "bias", Positive())
+    model = nn.Sequential(sn, nn.BatchNorm2d(8), wn, psn, pwn, pbias)
+    assert _group_names(model) == {
+        "decay": [
+            "0.weight_orig",
+            "2.weight_g",
+            "2.weight_v",
+            "3.parametrizations.weight.original",
+            "4.parametrizations.weight.original0",
+            "4.parametrizations.weight.original1",
+            "5.weight",
+        ],
+        "no_decay": [
+            "0.bias",
+            "1.bias",
+            "2.bias",
+            "3.bias",
+            "4.bias",
+            "5.parametrizations.bias.original",
+        ],
+        "bn_scale": ["1.weight"],
+    }
+
+
+def test_bn_param_groups_give_no_decay_to_biases_of_other_modules() -> None:
+    # The official rule outside convolutions, linear layers and norms: a parameter that
+    # squeezes to 1-D and has no "weight" in its name is a bias (wd 0); the rest decays.
+    class Custom(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shift = nn.Parameter(torch.zeros(1, 4, 1))
+            self.gain_weight = nn.Parameter(torch.ones(4))
+            self.table = nn.Parameter(torch.ones(3, 4))
+            self.temperature = nn.Parameter(torch.ones(()))
+
+    model = nn.Sequential(
+        nn.MultiheadAttention(8, 2, add_bias_kv=True), nn.Embedding(5, 8), Custom()
+    )
+    assert _group_names(model) == {
+        "decay": [
+            "0.in_proj_weight",
+            "0.out_proj.weight",
+            "1.weight",
+            "2.gain_weight",
+            "2.table",
+            "2.temperature",
+        ],
+        "no_decay": ["0.bias_k", "0.bias_v", "0.in_proj_bias", "0.out_proj.bias", "2.shift"],
+    }
+
+
+def test_init_bn_scale_sets_the_domain_scales_of_layers_without_a_shared_affine() -> None:
+    # AuxBN and CCBN have no shared affine: their BN scales are the per-domain ones (the
+    # official AuxBN is one affine batch norm per branch, each scale set to c_γ), which
+    # bn_param_groups also treats as the BN scales. SaBN: the shared scale only.
+    import warnings
+
+    model = nn.Sequential(
+        nk.AuxBatchNorm2d(8, 2),
+        nk.CategoricalConditionalBatchNorm2d(8, 3, split_stats=True),
+        nk.SandwichBatchNorm2d(8, 2),
+        nn.BatchNorm2d(8, affine=False),  # no scale at all
+    )
+    sabn_domain = model[2].domain_weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert nk.init_bn_scale_(model, 0.1) == 3
+    assert torch.equal(model[0].domain_weight, torch.full((2, 8), 0.1))
+    assert torch.equal(model[1].domain_weight, torch.full((3, 8), 0.1))
+    assert torch.equal(model[2].weight, torch.full((8,), 0.1))
+    assert torch.equal(model[2].domain_weight, sabn_domain)
+    assert torch.equal(model[0].domain_bias, torch.zeros(2, 8))
+    scales = {
+        id(p)
+        for g in nk.bn_param_groups(model, 0.1, 1e-4)
+        if g["name"] == "bn_scale"
+        for p in g["params"]
+    }
+    assert {id(model[0].domain_weight), id(model[1].domain_weight), id(model[2].weight)} <= scales
+    with pytest.raises(ValueError, match=r"a torch\.float16 scale can hold"):
+        nk.init_bn_scale_(nk.AuxBatchNorm2d(4, 2, dtype=torch.float16), 1e6)
+
+
 def test_bn_param_groups_omit_empty_groups_and_refuse_bad_divisor() -> None:
     groups = nk.bn_param_groups(nn.Linear(3, 3, bias=False), 0.1, 0.0)
     assert [g["name"] for g in groups] == ["decay"]

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import normkit as nk
+from normkit import kernels
 from tests.reference import RefConditionalBN, bcast
 
 F64 = torch.float64
@@ -352,6 +353,30 @@ def test_split_stats_domain_with_one_value_per_channel_leaves_its_buffers_alone(
     assert torch.equal(layer.running_var[1], torch.ones(2))
     assert torch.equal(layer.running_mean[1], torch.zeros(2))
     assert layer.num_batches_tracked.tolist() == [5, 0]
+
+
+@pytest.mark.parametrize("kernel", [False, True], ids=["torch", "kernels"])
+def test_split_stats_domain_with_one_value_per_channel_gives_its_shift(kernel: bool) -> None:
+    # The documented behaviour (docs/sandwich.md): no error (the count would need a device sync
+    # on an accelerator), the domain's shift as output, no gradient to its input.
+    layer = nk.SandwichBatchNorm1d(2, 2, split_stats=True).double()
+    _randomize(layer)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 2, dtype=torch.float64, generator=g) * 3).requires_grad_()
+    domain = torch.tensor([0, 0, 1])
+    if kernel:
+        kernels.enable()
+    try:
+        y = layer(x, domain)
+    finally:
+        kernels.disable()
+    (y * torch.randn_like(y)).sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+    shift = layer.domain_weight[1] * layer.bias + layer.domain_bias[1]
+    torch.testing.assert_close(y[2], shift.detach())
+    # (0 up to rounding: the domain's mean comes from merged moments)
+    torch.testing.assert_close(x.grad[2], torch.zeros(2, dtype=torch.float64), rtol=0, atol=1e-9)
+    assert x.grad[:2].abs().sum() > 0
 
 
 def test_vmap_over_batched_per_sample_domains_in_eval() -> None:

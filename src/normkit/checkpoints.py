@@ -7,10 +7,11 @@ under other names and shapes, one layout per experiment:
 official module     keys under the module's name                            normkit layer
 ==================  ======================================================  =====================
 GAN SaBN            ``bn.weight``, ``bn.bias`` (shared affine), ``bn.run*``  SandwichBatchNorm
-                    (statistics), ``embed.weight`` (K, 2C): per-class γ
+                    (statistics), ``embed.weight`` (K, 2C): per-class γ     (split_stats=False)
                     in columns ``[:C]``, β in ``[C:]``
 GAN / NAS CCBN      ``bn.run*``, ``embed.weight`` (K, 2C)                   CategoricalConditional
                                                                             BatchNorm
+                                                                            (split_stats=False)
 NAS SaBN            ``bns.{k}.run*`` (statistics per index),                SandwichBatchNorm
                     ``shared_weight``, ``shared_bias``, ``embed.weight``    (split_stats=True)
 Adv AuxBN           ``bn_list.{k}.weight``, ``.bias``, ``.run*``            AuxBatchNorm
@@ -57,13 +58,15 @@ def _layout(sd: Mapping[str, Any], p: str) -> str | None:
     return None
 
 
-# The normkit layer each layout needs: (split statistics, shared affine, per-domain affine).
-_NEEDS: dict[str, tuple[tuple[bool, ...], bool, str]] = {
-    "gan-sabn": ((False, True), True, "SandwichBatchNorm"),
-    "ccbn": ((False, True), False, "CategoricalConditionalBatchNorm"),
-    "nas-sabn": ((True,), True, "SandwichBatchNorm(split_stats=True)"),
-    "adv-auxbn": ((True,), False, "AuxBatchNorm"),
-    "adv-saauxbn": ((True,), True, "SandwichBatchNorm(split_stats=True)"),
+# The normkit layer each layout needs: (split statistics, shared affine, family). Shared
+# statistics stay shared: split ones normalize each index by its own samples in training, a
+# different function from the official module's (its eval function alone would match).
+_NEEDS: dict[str, tuple[bool, bool, str]] = {
+    "gan-sabn": (False, True, "SandwichBatchNorm(split_stats=False)"),
+    "ccbn": (False, False, "CategoricalConditionalBatchNorm(split_stats=False)"),
+    "nas-sabn": (True, True, "SandwichBatchNorm(split_stats=True)"),
+    "adv-auxbn": (True, False, "AuxBatchNorm"),
+    "adv-saauxbn": (True, True, "SandwichBatchNorm(split_stats=True)"),
 }
 
 
@@ -83,8 +86,8 @@ def _migrate(
 ) -> tuple[dict[str, Tensor], bool]:
     """The normkit keys of one layer, taken out of ``sd``; and whether the count was there."""
     what = _describe(name, layer)
-    split_ok, shared, family = _NEEDS[layout]
-    if layer.split_stats not in split_ok or layer.affine != shared or layer.domain_weight is None:
+    split, shared, family = _NEEDS[layout]
+    if layer.split_stats != split or layer.affine != shared or layer.domain_weight is None:
         raise ValueError(
             f"{_WHERE}: expected a {family} layer for the official {layout} keys under "
             f"{p or '<root>'!r}, got {what}"
@@ -171,7 +174,8 @@ def load_official_sandwich(
     Raises:
         ValueError: no conditional layer of ``model`` has official keys; a layer of the wrong
             family for its keys (an official CCBN, without a shared affine, into a SaBN; official
-            per-index statistics into shared statistics); shapes that do not match the layer
+            per-index statistics into shared statistics, or shared ones into split statistics,
+            an AuxBN included); shapes that do not match the layer
             (``embed.weight`` not ``(num_domains, 2 * num_features)``, or ``(num_domains + 1,
             ...)`` for SaAuxBN; another number of per-index batch norms). The message names the
             layer, what was expected and what was found. Nothing is loaded.

@@ -39,6 +39,7 @@ from normkit._stats import (
     replay_key,
     replayed_values,
     stash_for_replay,
+    sync_moments,
 )
 
 __all__ = ["BatchChannelNorm1d", "BatchChannelNorm2d", "BatchChannelNorm3d"]
@@ -242,12 +243,17 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
         ):
             return None
         rate = self.estimate_rate
-        if self.estimate and self._replaying is not None:
-            # A recomputation: the same kernel call (the backward reads what it saves) on
-            # copies of the estimates the first forward used, which a rate of 0 leaves as
-            # they are, and a scratch counter.
-            rm, rv = (t.to(x.dtype, copy=True) for t in self._replaying)
+        frozen = self._frozen_estimates()
+        if self.estimate and (self._replaying is not None or frozen is not None):
+            # A recomputation, or estimates frozen (track_running_stats set to False): the same
+            # kernel call (the backward reads what it saves) on copies of the estimates to use,
+            # which a rate of 0 leaves as they are, and a scratch counter.
+            used = self._replaying if self._replaying is not None else frozen
+            assert used is not None
+            rm, rv = (t.to(x.dtype, copy=True) for t in used)
             counts, rate = torch.zeros((), dtype=torch.long, device=x.device), 0.0
+        elif not self.track_running_stats:  # buffers kept but not tracked: none for the kernel
+            rm = rv = counts = None
         y: Tensor = kernels.op("bcn_forward")(
             x,
             *kernels.in_dtype(x.dtype, *params),
@@ -393,6 +399,9 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
             assert self.running_mean is not None and self.running_var is not None
             if self.training and self._replaying is not None:
                 return self._replaying
+            frozen = self._frozen_estimates()
+            if frozen is not None:
+                return frozen
             if self.training:
                 spatial = math.prod(x.shape[2:])
                 return self._update_estimates(m, q, syncing, spatial)
@@ -405,7 +414,24 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
             return self.running_mean.clone(), self.running_var.clone()
         mean, var = F.merge_sample_moments(m, q)
         count: int | Tensor = x.numel() // x.shape[1]
+        if not self.track_running_stats:
+            # Buffers kept but not tracked (the flag set to False on a built layer): batch
+            # statistics in training without an update, as nn.BatchNorm.
+            if syncing:
+                mean, var, count = sync_moments(
+                    mean, var, count, self.process_group, type(self).__name__
+                )
+            return mean, var
         return self._merge_and_track(mean, var, count, syncing)
+
+    def _frozen_estimates(self) -> tuple[Tensor, Tensor] | None:
+        """In the micro-batch mode, copies of the estimates when training with
+        ``track_running_stats`` set to False on the built layer (the estimates frozen: this
+        forward normalizes with them and updates nothing); None otherwise."""
+        if not (self.estimate and self.training and not self.track_running_stats):
+            return None
+        assert self.running_mean is not None and self.running_var is not None
+        return self.running_mean.clone(), self.running_var.clone()
 
     @torch.no_grad()
     def _update_estimates(

@@ -291,6 +291,8 @@ class _BatchNormCore(Synchronized, _BatchNorm):
             rm, rv, counts = b["running_mean"], b["running_var"], b["num_batches_tracked"]
         except KeyError:
             return None
+        if not self.track_running_stats:  # buffers kept but not tracked: none for the kernel
+            rm = rv = counts = None
         if not (
             kernels.in_dtype_already(x.dtype, w, bias, dw, db, rm, rv)
             and kernels.affines_paired(w, bias, dw, db)
@@ -358,7 +360,7 @@ class _BatchNormCore(Synchronized, _BatchNorm):
         b = None if bias is None else bias.to(pdtype)
         if self.split_stats and not isinstance(domain, int):
             y, mean, var, count = norm_affine(x, w, b, self.eps, domain, self.num_domains)
-            if self.training and self.running_mean is not None:
+            if self._tracking():
                 spatial = x.numel() // (x.shape[0] * x.shape[1])
                 self._update_running(mean, var, count * spatial)
             return y
@@ -387,7 +389,7 @@ class _BatchNormCore(Synchronized, _BatchNorm):
         rm, rv, counts = self.running_mean, self.running_var, self.num_batches_tracked
         running = None
         other_dtype = False
-        if self.training and rm is not None and rv is not None and counts is not None:
+        if self._tracking() and rm is not None and rv is not None and counts is not None:
             # The kernel updates the buffers in the same call when they share the input's
             # dtype; others take the PyTorch update below.
             other_dtype = not kernels.in_dtype_already(x.dtype, rm, rv)
@@ -497,7 +499,7 @@ class _BatchNormCore(Synchronized, _BatchNorm):
     def _track_whole_batch(self, mean: Tensor, var: Tensor, domain: DomainIndex, x: Tensor) -> None:
         """Running-statistics update from the whole batch's moments (shared statistics, or one
         domain's split statistics)."""
-        if not self.training or self.running_mean is None:
+        if not self._tracking():
             return
         count = x.numel() // x.shape[1]
         if self.split_stats:
@@ -515,7 +517,7 @@ class _BatchNormCore(Synchronized, _BatchNorm):
         backward differentiates through the moments (:func:`normkit._fused.moment_scale_shift`).
         """
         m, q = sample_moments(x)
-        if self.training and self.running_mean is not None:
+        if self._tracking():
             dmean, dvar, dcount = F.domain_moments(m, q, domain, self.num_domains)
             spatial = x.numel() // (x.shape[0] * x.shape[1])
             self._update_running(dmean, dvar, dcount * spatial)
@@ -534,7 +536,7 @@ class _BatchNormCore(Synchronized, _BatchNorm):
         if syncing:
             name = type(self).__name__
             mean, var, count = sync_moments(mean, var, count, self.process_group, name)
-        if self.training and self.running_mean is not None:
+        if self._tracking():
             self._update_running(mean, var, count)
         return mean, var
 
@@ -542,7 +544,7 @@ class _BatchNormCore(Synchronized, _BatchNorm):
         self, x: Tensor, domain: DomainIndex, use_batch: bool, syncing: bool
     ) -> tuple[Tensor, Tensor]:
         """Per-domain statistics: ``(C,)`` for an int domain, ``(N, C)`` per sample otherwise."""
-        track = self.training and self.running_mean is not None
+        track = self._tracking()
         if not use_batch:
             assert self.running_mean is not None and self.running_var is not None
             if isinstance(domain, int):
@@ -572,6 +574,14 @@ class _BatchNormCore(Synchronized, _BatchNorm):
         if track:
             self._update_running(dmean, dvar, values)
         return dmean.index_select(0, domain), dvar.index_select(0, domain)
+
+    def _tracking(self) -> bool:
+        """Whether this forward updates the running statistics: in training, with
+        ``track_running_stats`` and the buffers. As ``nn.BatchNorm``, a layer whose flag was
+        set to False after it was built (its buffers kept: "freeze the running statistics")
+        normalizes with batch statistics in training without touching the buffers or the
+        count, and with the running statistics in eval."""
+        return self.training and self.track_running_stats and self.running_mean is not None
 
     def _update_running(self, mean: Tensor, var: Tensor, count: int | Tensor) -> None:
         assert self.running_mean is not None and self.running_var is not None

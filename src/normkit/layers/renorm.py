@@ -170,7 +170,9 @@ class _BatchRenorm(_BatchNormCore):
         running std ``sqrt(running_var + eps)`` and the clip limits, taken before this batch
         updates the buffers (Algorithm 1 computes r and d with the old moving averages)."""
         params = super()._affines()
-        if not self.training or self.running_mean is None or self.running_var is None:
+        if not self._tracking() or self.running_var is None:
+            # (track_running_stats set to False on the built layer: a batch norm in training,
+            # as torch's, which passes no running statistics then)
             return params
         # (A replay, or a first forward that stashed its reference: that reference.)
         reference = self._replaying or self._pinned or self._reference()
@@ -178,8 +180,8 @@ class _BatchRenorm(_BatchNormCore):
 
     def _reference(self) -> tuple[Tensor, ...]:
         """``(running mean, running std, r limit, d limit)`` as the buffers are now; ``()``
-        without running statistics."""
-        if self.running_mean is None or self.running_var is None:
+        without running statistics or with their tracking turned off."""
+        if not self.track_running_stats or self.running_mean is None or self.running_var is None:
             return ()
         ref_std = torch.sqrt(self.running_var + self.eps)
         return (self.running_mean.clone(), ref_std, *self.clip_limits())
@@ -297,7 +299,10 @@ _BRN_DOC = r"""Batch Renormalization (BRN; Ioffe 2017, arXiv 1702.03275).
     number from a buffer and compiles with ``torch.compile(fullgraph=True)``.
 
     ``track_running_stats=False`` is refused: without running statistics there is nothing to
-    renormalize towards.
+    renormalize towards. Setting the attribute to False on a built layer freezes the running
+    statistics and the step counter as in ``nn.BatchNorm``: training then normalizes with the
+    batch statistics alone (no r and d, as torch's batch norm passes no running statistics
+    then), eval with the frozen running statistics.
 
     Synchronization: with :func:`normkit.convert_sync`, μ_B and σ²_B (and so r and d) are
     taken over the batch of every rank. :func:`normkit.freeze_norm` freezes the layer to its

@@ -123,12 +123,16 @@ class InputNorm2d(_InputNorm):
 
 
 def init_bn_scale_(model: nn.Module, value: float = 0.1) -> int:
-    """Set the scale ``weight`` of every batch norm in ``model`` to ``value`` (Davis & Frank).
+    """Set the scale of every batch norm in ``model`` to ``value`` (Davis & Frank).
 
-    Every ``_BatchNorm`` with an affine is covered: torch's BN and SyncBN, and normkit's
-    BN-derived layers (for Sandwich BN the shared scale, for BCN the batch part's). Per-domain
-    scales, group-norm scales and :class:`InputNorm2d` (whose scale rule is its own) are left
-    alone. The official code silently falls back to 1.0 for ``value <= 0``; normkit refuses it.
+    Every ``_BatchNorm`` with a scale is covered: torch's BN and SyncBN, and normkit's
+    BN-derived layers. A layer's scale is its shared ``weight`` where it has one (for Sandwich
+    BN the shared scale γ_sa, its per-domain scales keeping their N(1, domain_std) init, so
+    that every domain's scale γ_k γ_sa starts near ``value``; for BCN the batch part's), else
+    its per-domain ``domain_weight`` (AuxBN, CCBN: every row set to ``value``, as the official
+    AuxBN's per-branch batch norms each get γ = c_γ). Group-norm scales and
+    :class:`InputNorm2d` (whose scale rule is its own) are left alone. The official code
+    silently falls back to 1.0 for ``value <= 0``; normkit refuses it.
 
     Returns:
         The number of layers changed. When it is 0 (no batch norm with a scale) a
@@ -138,11 +142,11 @@ def init_bn_scale_(model: nn.Module, value: float = 0.1) -> int:
         raise TypeError(f"init_bn_scale_: expected an nn.Module, got {type(model).__name__}")
     check_positive("init_bn_scale_", "value", value)
     scales = [
-        module.weight
+        scale
         for module in model.modules()
-        if isinstance(module, _BatchNorm)
-        and not isinstance(module, _InputNorm)
-        and module.weight is not None
+        if isinstance(module, _BatchNorm) and not isinstance(module, _InputNorm)
+        for scale in [_init_scale(module)]
+        if scale is not None
     ]
     # Checked before any scale changes: fill_ fails past a dtype's range (inf included).
     for weight in scales:
@@ -181,11 +185,26 @@ def _is_no_decay_module(module: nn.Module) -> bool:
     return isinstance(module, (*_OTHER_NORMS, SandwichAdaIN, Bias, Scale))
 
 
+def _init_scale(module: _BatchNorm) -> Tensor | None:
+    """The scale :func:`init_bn_scale_` sets: the shared ``weight``, else ``domain_weight``."""
+    for attr in ("weight", "domain_weight"):
+        p = getattr(module, attr, None)
+        if isinstance(p, Tensor):
+            return p
+    return None
+
+
 def _bn_scales(module: _BatchNorm) -> Iterator[nn.Parameter]:
     for attr in ("weight", "domain_weight"):
         p = getattr(module, attr, None)
         if isinstance(p, nn.Parameter):
             yield p
+
+
+def _is_bias_like(name: str, p: Tensor) -> bool:
+    """The official rule for a parameter outside convolutions, linear layers and norms: no
+    weight decay when it squeezes to one dimension and its name has no "weight" in it."""
+    return sum(size > 1 for size in p.shape) == 1 and "weight" not in name
 
 
 def bn_param_groups(
@@ -199,15 +218,23 @@ def bn_param_groups(
     ===============  ==================================================  ============  ==========
     group ``name``   members                                             weight decay  lr
     ===============  ==================================================  ============  ==========
-    ``"decay"``      weights of convolutions and linear layers (WS        weight_decay  lr
-                     convs included), and parameters of any other
-                     module type (embeddings, custom modules)
-    ``"no_decay"``   all biases of convolutions and linear layers; BN     0             lr
+    ``"decay"``      every parameter of convolutions and linear layers    weight_decay  lr
+                     but their ``bias`` (WS convs included, and the
+                     ``weight_orig``/``weight_v``/``weight_g`` and
+                     ``parametrizations.weight.*`` of spectral and
+                     weight norm); parameters of any other module type
+                     (embeddings, attention, custom modules) but their
+                     1-D non-weights (below)
+    ``"no_decay"``   the ``bias`` of convolutions and linear layers; BN   0             lr
                      shifts (``bias``, ``domain_bias``) and other
                      batch-norm parameters (BCN's channel-part affine);
                      every parameter of GroupNorm, LayerNorm,
                      InstanceNorm, RMSNorm, SandwichAdaIN and Fixup
-                     ``Bias``/``Scale``
+                     ``Bias``/``Scale``; in any other module, every
+                     parameter that squeezes to 1-D and whose name has
+                     no ``weight`` in it (the official rule for biases:
+                     ``MultiheadAttention``'s ``in_proj_bias``,
+                     ``bias_k``, ``bias_v``)
     ``"bn_scale"``   BN scales: ``weight`` of every ``_BatchNorm``        0             lr /
                      (InputNorm's included) and Sandwich/CCBN/AuxBN                     divisor
                      ``domain_weight``
@@ -251,15 +278,18 @@ def bn_param_groups(
             for p in own:
                 put(no_decay, p)
         elif isinstance(module, (_ConvNd, nn.Linear)):
-            weight = module.weight
-            for p in own:
-                put(decay if p is weight else no_decay, p)
+            # The bias (or a parametrized bias's originals) takes no decay; everything else,
+            # spectral/weight norm's weight_orig, weight_v, weight_g and parametrizations of
+            # the weight included, is the layer's weight and decays.
+            for name, p in module.named_parameters():
+                is_bias = name == "bias" or name.startswith("parametrizations.bias.")
+                put(no_decay if is_bias else decay, p)
         elif _is_no_decay_module(module):
             for p in own:
                 put(no_decay, p)
         else:
-            for p in own:
-                put(decay, p)
+            for name, p in module.named_parameters(recurse=False):
+                put(no_decay if _is_bias_like(name, p) else decay, p)
 
     groups = [
         {"name": "decay", "params": decay, "lr": lr, "weight_decay": weight_decay},
