@@ -647,3 +647,29 @@ def test_track_running_stats_turned_off_on_a_built_layer_freezes_the_buffers(
     with torch.no_grad():
         torch.testing.assert_close(out, reference(*args))
         torch.testing.assert_close(layer.eval()(*args), original.eval()(*args))
+
+
+# The other layers that keep running statistics and take the flag: their training output never
+# reads the buffers, so clearing the flag may only stop the update.
+OTHER_TRACKING = layer_params(
+    r
+    for r in LAYERS
+    if issubclass(r.cls, (nk.BatchGroupNorm2d, nk.IterNorm1d, nk.IterNorm2d, nk.EvoNormB0))
+    and r.init_kwargs.get("track_running_stats", True)
+)
+
+
+@pytest.mark.parametrize(("rec", "kind"), OTHER_TRACKING)
+def test_track_running_stats_turned_off_stops_the_other_layers_updates(
+    rec: LayerRecord, kind: str | None
+) -> None:
+    layer = rec.build().train()
+    original = copy.deepcopy(layer)
+    layer.track_running_stats = False
+    buffers = {name: b.clone() for name, b in layer.named_buffers()}
+    args = rec.args(kind)
+    out = layer(*args)
+    for name, b in layer.named_buffers():
+        assert torch.equal(b, buffers[name]), name
+    with torch.no_grad():
+        torch.testing.assert_close(out, original(*args))  # batch statistics, as before

@@ -341,7 +341,10 @@ class Synchronized:
                 mean, var, count, self.process_group, type(self).__name__
             )
         running_var = getattr(self, "running_var", None)
-        if self.training and running_var is not None:
+        # As nn.BatchNorm: a track_running_stats cleared after construction (the buffers kept,
+        # "freeze the running statistics") stops the update.
+        tracking = getattr(self, "track_running_stats", True)
+        if self.training and tracking and running_var is not None:
             track_batch_(
                 getattr(self, "running_mean", None),
                 running_var,
