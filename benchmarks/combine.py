@@ -64,16 +64,20 @@ def combine(runs: Sequence[dict[str, Any]]) -> str:
     met = total = 0
     for key in order:
         group = rows[key]
-        for i, target in enumerate(group[0]["targets"]):
-            values = [r["targets"][i]["value"] for r in group if i < len(r["targets"])]
+        # Every target any run judged this row by (a run whose row failed has none): keyed by
+        # metric and limit, each with the values of the runs that have it.
+        checks: dict[tuple[str, float], list[float | None]] = {}
+        for r in group:
+            for t in r["targets"]:
+                checks.setdefault((t["metric"], t["limit"]), []).append(t["value"])
+        for (metric, limit), values in checks.items():
             value = _median(values)
-            limit = target["limit"]
             ok = value is not None and value <= limit
             total += 1
             met += ok
             present = [v for v in values if v is not None]
             spread = f"{min(present):.2f}–{max(present):.2f}" if present else "—"
-            name = "memory ≤" if target["metric"] != "time" else "≤"
+            name = "memory ≤" if metric != "time" else "≤"
             out.append(
                 f"| {name} {limit:.2f} | {key[0]} | {key[2]} | {key[4]} | {key[6]} | "
                 f"{_fmt(value)} | {spread} | {'yes' if ok else '**no**'} |"

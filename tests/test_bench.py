@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 
+import normkit as nk
 from normkit import bench, cli
 
 TINY = "2x8x4x4"
@@ -251,6 +252,22 @@ def test_saved_tensor_bytes_counts_unique_saved_storages_and_the_output() -> Non
         assert bench.saved_tensor_bytes(lambda: torch.sin(x)) == 12
 
 
+def test_saved_tensor_bytes_leaves_out_the_modules_state() -> None:
+    """A conv saves its weight (a parameter, alive anyway: not counted); a WS conv saves the
+    standardized weight it derives (an extra tensor: counted). The bench passes each side's
+    parameters and buffers."""
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False)
+    ws = nk.WSConv2d(4, 4, 3, padding=1, bias=False)
+    state = [*conv.parameters()]
+    weight_bytes = conv.weight.numel() * 4
+    input_and_output = 2 * x.numel() * 4
+    assert bench.saved_tensor_bytes(lambda: conv(x)) == input_and_output + weight_bytes
+    assert bench.saved_tensor_bytes(lambda: conv(x), state) == input_and_output
+    ws_bytes = bench.saved_tensor_bytes(lambda: ws(x), [*ws.parameters()])
+    assert ws_bytes >= input_and_output + weight_bytes  # the standardized weight counts
+
+
 def test_time_pair_interleaves_and_takes_per_call_times() -> None:
     now = [0.0]
     calls: list[str] = []
@@ -373,3 +390,10 @@ def test_combine_reports_the_median_over_runs_and_judges_targets_by_it() -> None
     assert "Targets met: 1 of 2 checks" in combine(runs)
     row_line = next(line for line in lines if line.startswith("| sabn | 2x8x4x4"))
     assert row_line.split("|")[9].strip() == "1.00"  # the ratio column
+    # A run whose row failed has no target checks: the other runs still judge the row.
+    failed = {**_fake_row("sabn", 1.0, 1.0), "ratio": None, "memory": None, "targets": []}
+    runs = [{"rows": [failed]}] + [{"rows": [_fake_row("sabn", r, 1.0)]} for r in (1.0, 1.2)]
+    text = combine(runs)
+    assert "Targets met: 2 of 2 checks" in text  # (the old reading dropped both: 0 of 0)
+    time_line = next(line for line in text.splitlines() if line.startswith("| ≤ 1.10 | sabn"))
+    assert "| 1.10 | 1.00–1.20 | yes |" in time_line

@@ -47,7 +47,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -538,18 +538,24 @@ def _storage_key(t: Tensor) -> tuple[str, int, int] | None:
     return (str(t.device), storage.data_ptr(), storage.nbytes())
 
 
-def saved_tensor_bytes(forward: Callable[[], object]) -> int:
+def saved_tensor_bytes(forward: Callable[[], object], state: Iterable[Tensor] = ()) -> int:
     """Bytes of the unique storages that ``forward()`` saves for backward, plus its outputs'.
 
     Counted with :func:`torch.autograd.graph.saved_tensors_hooks`: a tensor saved twice, or a
-    view of a saved tensor, counts once; so does an output that is also saved. Parameters and the
-    input count when they are saved (they are alive anyway, but so they are for the baseline).
+    view of a saved tensor, counts once; so does an output that is also saved. The input counts
+    when it is saved (saving it is what keeps it alive in a network). The storages of ``state``
+    (the module's parameters and buffers) do not count: they are alive whatever the layer saves,
+    and counting them would charge a baseline that saves its weight while a layer that saves a
+    derived weight (a standardized one) instead looked free. Tensors an autograd function keeps
+    outside ``save_for_backward`` (attributes of ``ctx``, a C++ node's ``saved_data``) are not
+    seen by the hooks and not counted.
     """
     storages: set[tuple[str, int, int]] = set()
+    skip = {key for key in map(_storage_key, state) if key is not None}
 
     def pack(t: Tensor) -> Tensor:
         key = _storage_key(t)
-        if key is not None:
+        if key is not None and key not in skip:
             storages.add(key)
         return t
 
@@ -560,7 +566,7 @@ def saved_tensor_bytes(forward: Callable[[], object]) -> int:
         out = forward()
     for t in _tensors(out):
         key = _storage_key(t)
-        if key is not None:
+        if key is not None and key not in skip:
             storages.add(key)
     return sum(key[2] for key in storages)
 
@@ -751,6 +757,11 @@ class _Pair:
     def compile(self, backend: str) -> None:
         self.callables = [torch.compile(m, backend=backend) for m in self.modules]
 
+    def state(self, side: int) -> list[Tensor]:
+        """The parameters and buffers of one side's module."""
+        module = self.modules[side]
+        return [*module.parameters(), *module.buffers()]
+
     def forward(self, side: int) -> Tensor:
         module = self.callables[side]
         if side == 1 and self.case.takes_domain:
@@ -835,8 +846,8 @@ def _rows_for(
             row.summary = summarize(row.timing)
             if case.train:
                 row.memory = MemoryRatio(
-                    saved_tensor_bytes(lambda: pair.forward(0)),
-                    saved_tensor_bytes(lambda: pair.forward(1)),
+                    saved_tensor_bytes(lambda: pair.forward(0), pair.state(0)),
+                    saved_tensor_bytes(lambda: pair.forward(1), pair.state(1)),
                 )
             if device.startswith("cuda"):
                 dev = torch.device(device)
@@ -1219,7 +1230,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quick",
         action="store_true",
         help=f"seconds, not minutes: shapes {','.join(map(_shape_text, QUICK_SHAPES))}, "
-        "float32, contiguous, 3 repeats (explicit options still win)",
+        "float32, contiguous, 3 repeats, 1 warm-up call, 2 ms batches (explicit options "
+        "still win)",
     )
     parser.add_argument(
         "--layers",
