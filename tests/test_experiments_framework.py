@@ -481,6 +481,29 @@ def test_claims_on_diverged_missing_and_partly_missing_metrics() -> None:
     assert "1 seed(s) left out: metric 'sometimes' not reported" in partly["note"]
 
 
+def test_a_run_that_reports_itself_diverged_counts_as_non_finite() -> None:
+    """A study may show a diverged run at a display value (depth: chance accuracy) and flag it;
+    a claim naming the flag as its ``diverged_metric`` treats it as diverged, not as that
+    number."""
+    study = FakeStudy(claims=(Claim("A beats B", "A", "B", "acc", diverged_metric="diverged"),))
+
+    def metrics(r: Run) -> dict[str, Any]:
+        if r.method == "A":
+            # Diverged on seed 0 (shown at chance), clearly ahead on the others.
+            return {"acc": 0.1, "diverged": 1.0} if r.seed == 0 else {"acc": 0.9, "diverged": 0.0}
+        return {"acc": 0.1, "diverged": 1.0}  # B diverges everywhere
+
+    runs, records = _records(study, metrics, seeds=6)
+    (claim,) = runner.build_results(study, {}, runs, records)["claims"]
+    # Scored at 0.1, seed 0 would be a tie and the claim held; as a diverged run it keeps the
+    # claim from holding.
+    assert claim["verdict"] == "inconclusive at this size"
+    assert "not held: the better side has 1 non-finite value(s)" in claim["note"]
+    plain_study = FakeStudy(claims=(Claim("A beats B", "A", "B", "acc"),))
+    plain = runner.build_results(plain_study, {}, runs, records)["claims"][0]
+    assert plain["verdict"] == "held"  # the same numbers read as numbers: held
+
+
 def test_a_claim_on_a_curve_stops_the_study_after_one_run(tmp_path: Path) -> None:
     study = FakeStudy(claims=(Claim("A has a better curve", "A", "B", "curve"),))
     with pytest.raises(runner.RunnerError, match=r"'curve'.*a curve \(a list\)"):

@@ -647,8 +647,11 @@ def _claim_tests(
             if claim.metric not in b or claim.metric not in w:
                 unreported += 1
                 continue
-            b_vals.append(b[claim.metric])
-            w_vals.append(w[claim.metric])
+            # A run flagged by the claim's diverged_metric is a diverged value whatever number
+            # it shows for display (depth scores such a run at chance): non-finite.
+            flag = claim.diverged_metric
+            b_vals.append(None if flag and b.get(flag) else b[claim.metric])
+            w_vals.append(None if flag and w.get(flag) else w[claim.metric])
         if not b_vals:
             if paired:
                 lacking = [

@@ -52,7 +52,9 @@ class Claim:
 
     ``metric`` names a scalar metric of the runs. A claim on a metric that the runs report as a
     list (a curve) stops the study with an error as soon as a run reports it; a claim on a metric
-    that no run of its sides reports is "not tested".
+    that no run of its sides reports is "not tested". ``diverged_metric`` names a metric that
+    flags a diverged run (a true value): such a run counts as non-finite in the claim, whatever
+    value of ``metric`` it reports for display.
 
     Two optional refinements (both default to the plain claim above):
 
@@ -75,6 +77,7 @@ class Claim:
     better_setting: str | None = None
     worse_setting: str | None = None
     margin: float = 0.0
+    diverged_metric: str | None = None
 
     def __post_init__(self) -> None:
         if (self.better_setting is None) != (self.worse_setting is None):

@@ -669,18 +669,21 @@ STUDY = DepthStudy(
             better="fixup",
             worse="none-he",
             metric="test_acc",
+            diverged_metric="diverged",
         ),
         Claim(
             text="Fixup trains at every depth where no normalization with default init fails",
             better="fixup",
             worse="none-default",
             metric="test_acc",
+            diverged_metric="diverged",
         ),
         Claim(
             text="SkipInit/ReZero trains at every depth where no normalization with He init fails",
             better="rezero",
             worse="none-he",
             metric="test_acc",
+            diverged_metric="diverged",
         ),
         Claim(
             text=(
@@ -690,6 +693,7 @@ STUDY = DepthStudy(
             better="nf-agc",
             worse="none-he",
             metric="test_acc",
+            diverged_metric="diverged",
         ),
     ),
 )
