@@ -326,6 +326,14 @@ class Synchronized:
     def _syncing(self) -> bool:
         return self.sync and self.training and world_size(self.process_group) > 1
 
+    def _tracking(self) -> bool:
+        """Whether this forward updates the running statistics: in training, with
+        ``track_running_stats`` (a layer without the flag always tracks). As ``nn.BatchNorm``,
+        a flag set to False after the layer was built (its buffers kept: "freeze the running
+        statistics") stops every update: training normalizes with batch statistics without
+        touching the buffers or the count, eval with the running statistics."""
+        return self.training and getattr(self, "track_running_stats", True)
+
     def _verify_peers(self, fields: dict[str, int], device: Any) -> None:
         # Once per layer: every rank must hold this very layer (see verify_peers).
         verify_peers(self, type(self).__name__, fields, device, self.process_group)
@@ -341,10 +349,7 @@ class Synchronized:
                 mean, var, count, self.process_group, type(self).__name__
             )
         running_var = getattr(self, "running_var", None)
-        # As nn.BatchNorm: a track_running_stats cleared after construction (the buffers kept,
-        # "freeze the running statistics") stops the update.
-        tracking = getattr(self, "track_running_stats", True)
-        if self.training and tracking and running_var is not None:
+        if self._tracking() and running_var is not None:
             track_batch_(
                 getattr(self, "running_mean", None),
                 running_var,
@@ -397,7 +402,7 @@ def may_be_replayed() -> bool:
     return top is None or top(False) is not None
 
 
-def replay_key(x: Tensor) -> Tensor:
+def _replay_key(x: Tensor) -> Tensor:
     """A fingerprint of a layer's input: its per-(sample, channel) sums (one pass). A
     recomputation sees the same input, so the same key finds what the first forward used."""
     x = x.detach()
@@ -413,23 +418,24 @@ _REPLAY: weakref.WeakKeyDictionary[Any, deque[tuple[Tensor, tuple[Tensor, ...]]]
 )
 
 
-def stash_for_replay(owner: Any, key: Tensor, values: tuple[Tensor, ...]) -> None:
+def stash_for_replay(owner: Any, input: Tensor, values: tuple[Tensor, ...]) -> None:
     """Remember ``values`` (tensors this forward used, which nothing may change in place
-    afterwards) for a recomputation of ``owner``'s forward on the input of ``key``."""
+    afterwards) for a recomputation of ``owner``'s forward on ``input``."""
     entries = _REPLAY.get(owner)
     if entries is None:
         entries = _REPLAY[owner] = deque(maxlen=REPLAY_DEPTH)
-    entries.append((key, values))
+    entries.append((_replay_key(input), values))
 
 
-def replayed_values(owner: Any, key: Tensor) -> tuple[Tensor, ...] | None:
-    """The values the newest remembered forward of ``owner`` on the input of ``key`` used;
-    else (an input recomputed differently, on an accelerator say) the newest forward's; None
-    when nothing is remembered (a forward that ran in a backward without checkpointing).
-    Entries stay: a second backward through a retained graph recomputes again."""
+def replayed_values(owner: Any, input: Tensor) -> tuple[Tensor, ...] | None:
+    """The values the newest remembered forward of ``owner`` on ``input`` used; else (an input
+    recomputed differently, on an accelerator say) the newest forward's; None when nothing is
+    remembered (a forward that ran in a backward without checkpointing). Entries stay: a
+    second backward through a retained graph recomputes again."""
     entries = _REPLAY.get(owner)
     if not entries:
         return None
+    key = _replay_key(input)
     for stashed, values in reversed(entries):
         same = stashed.shape == key.shape and stashed.dtype == key.dtype
         if same and stashed.device == key.device and torch.equal(stashed, key):

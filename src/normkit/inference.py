@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from normkit.convert import _has_hooks
 from normkit.distributed import revert_sync
 from normkit.layers.batch_channel import _BatchChannelNorm
 from normkit.layers.bnet import BNET2d
@@ -229,16 +230,6 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def _hooked(module: nn.Module) -> bool:
-    # A forward (pre-)hook may rewrite the weight (nn.utils.weight_norm, spectral_norm) or read
-    # the norm's output: folding would break it or change what it sees.
-    return bool(
-        module._forward_pre_hooks
-        or module._forward_hooks
-        or getattr(module, "_forward_hooks_with_kwargs", None)
-    )
-
-
 def prepare_for_inference(
     model: nn.Module,
     *,
@@ -316,7 +307,9 @@ def prepare_for_inference(
             continue
         if type(conv) is nn.Linear and not fold_linear:
             continue
-        if id(conv) in shared or id(norm) in shared or _hooked(conv) or _hooked(norm):
+        # A hook may rewrite the weight (nn.utils.weight_norm, spectral_norm) or watch the
+        # norm: folding would break it or drop it.
+        if id(conv) in shared or id(norm) in shared or _has_hooks(conv) or _has_hooks(norm):
             continue
         out_features = conv.weight.shape[0]
         if getattr(norm, "num_features", None) != out_features:

@@ -36,10 +36,8 @@ from normkit._stats import (
     estimate_update_eager_,
     may_be_replayed,
     recomputing,
-    replay_key,
     replayed_values,
     stash_for_replay,
-    sync_moments,
 )
 
 __all__ = ["BatchChannelNorm1d", "BatchChannelNorm2d", "BatchChannelNorm3d"]
@@ -148,10 +146,8 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
         estimates that forward used and updating (and all-reducing) nothing; a forward that
         may be recomputed remembers its estimates for that."""
         if recomputing():
-            assert self.running_mean is not None and self.running_var is not None
-            used = replayed_values(self, replay_key(input))
-            if used is None:  # nothing remembered: the estimates as the last update left them
-                used = (self.running_mean.clone(), self.running_var.clone())
+            # Nothing remembered: the estimates as the last update left them.
+            used = replayed_values(self, input) or self._estimate_copies()
             self._replaying = (used[0], used[1])
             try:
                 return self._forward(input)
@@ -159,10 +155,8 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
                 self._replaying = None
         out = self._forward(input)
         if may_be_replayed():
-            assert self.running_mean is not None and self.running_var is not None
             # The forward normalized with the estimates after its update: the buffers now.
-            used = (self.running_mean.clone(), self.running_var.clone())
-            stash_for_replay(self, replay_key(input), used)
+            stash_for_replay(self, input, self._estimate_copies())
         return out
 
     def _forward(self, input: Tensor) -> Tensor:
@@ -243,14 +237,11 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
         ):
             return None
         rate = self.estimate_rate
-        frozen = self._frozen_estimates()
-        if self.estimate and (self._replaying is not None or frozen is not None):
-            # A recomputation, or estimates frozen (track_running_stats set to False): the same
-            # kernel call (the backward reads what it saves) on copies of the estimates to use,
-            # which a rate of 0 leaves as they are, and a scratch counter.
-            used = self._replaying if self._replaying is not None else frozen
-            assert used is not None
-            rm, rv = (t.to(x.dtype, copy=True) for t in used)
+        fixed = self._fixed_estimates()
+        if fixed is not None:
+            # The same kernel call (the backward reads what it saves) on copies of the
+            # estimates to use, which a rate of 0 leaves as they are, and a scratch counter.
+            rm, rv = (t.to(x.dtype, copy=True) for t in fixed)
             counts, rate = torch.zeros((), dtype=torch.long, device=x.device), 0.0
         elif not self.track_running_stats:  # buffers kept but not tracked: none for the kernel
             rm = rv = counts = None
@@ -397,11 +388,9 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
         """Per-channel mean and variance that the batch part normalizes with."""
         if self.estimate:
             assert self.running_mean is not None and self.running_var is not None
-            if self.training and self._replaying is not None:
-                return self._replaying
-            frozen = self._frozen_estimates()
-            if frozen is not None:
-                return frozen
+            fixed = self._fixed_estimates()
+            if fixed is not None:
+                return fixed
             if self.training:
                 spatial = math.prod(x.shape[2:])
                 return self._update_estimates(m, q, syncing, spatial)
@@ -414,24 +403,21 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
             return self.running_mean.clone(), self.running_var.clone()
         mean, var = F.merge_sample_moments(m, q)
         count: int | Tensor = x.numel() // x.shape[1]
-        if not self.track_running_stats:
-            # Buffers kept but not tracked (the flag set to False on a built layer): batch
-            # statistics in training without an update, as nn.BatchNorm.
-            if syncing:
-                mean, var, count = sync_moments(
-                    mean, var, count, self.process_group, type(self).__name__
-                )
-            return mean, var
         return self._merge_and_track(mean, var, count, syncing)
 
-    def _frozen_estimates(self) -> tuple[Tensor, Tensor] | None:
-        """In the micro-batch mode, copies of the estimates when training with
-        ``track_running_stats`` set to False on the built layer (the estimates frozen: this
-        forward normalizes with them and updates nothing); None otherwise."""
-        if not (self.estimate and self.training and not self.track_running_stats):
-            return None
+    def _estimate_copies(self) -> tuple[Tensor, Tensor]:
         assert self.running_mean is not None and self.running_var is not None
         return self.running_mean.clone(), self.running_var.clone()
+
+    def _fixed_estimates(self) -> tuple[Tensor, Tensor] | None:
+        """In a micro-batch training forward that must not update the estimates, the ones it
+        normalizes with: a checkpoint recomputation's (the first forward's), or copies of the
+        frozen ones (``track_running_stats`` set to False on the built layer). None otherwise."""
+        if not (self.estimate and self.training):
+            return None
+        if self._replaying is not None:
+            return self._replaying
+        return None if self.track_running_stats else self._estimate_copies()
 
     @torch.no_grad()
     def _update_estimates(

@@ -576,12 +576,8 @@ class _BatchNormCore(Synchronized, _BatchNorm):
         return dmean.index_select(0, domain), dvar.index_select(0, domain)
 
     def _tracking(self) -> bool:
-        """Whether this forward updates the running statistics: in training, with
-        ``track_running_stats`` and the buffers. As ``nn.BatchNorm``, a layer whose flag was
-        set to False after it was built (its buffers kept: "freeze the running statistics")
-        normalizes with batch statistics in training without touching the buffers or the
-        count, and with the running statistics in eval."""
-        return self.training and self.track_running_stats and self.running_mean is not None
+        # (Synchronized._tracking, and the buffers: a layer built without them has none.)
+        return super()._tracking() and self.running_mean is not None
 
     def _update_running(self, mean: Tensor, var: Tensor, count: int | Tensor) -> None:
         assert self.running_mean is not None and self.running_var is not None

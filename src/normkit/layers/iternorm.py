@@ -219,8 +219,7 @@ class _IterNorm(Synchronized, nn.Module):
             mean, cov = _group_moments(xg)
         eye = torch.eye(self.group_size, dtype=cov.dtype, device=cov.device)
         wm = iterative_whitening_matrix(cov + self.eps * eye, self.T)
-        if self.training and self.track_running_stats and self.running_mean is not None:
-            # (A track_running_stats cleared after construction stops the update, as in BN.)
+        if self._tracking() and self.running_mean is not None:
             self._update_running(mean, wm, count)
         return mean.reshape(self.num_features), wm
 

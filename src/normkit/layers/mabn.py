@@ -35,7 +35,6 @@ from normkit._stats import (
     ema_factor,
     may_be_replayed,
     recomputing,
-    replay_key,
     replayed_values,
     stash_for_replay,
 )
@@ -521,11 +520,11 @@ class MovingAverageBatchNorm2d(Synchronized, _BatchNorm):
             # The step's state as the first forward computed it (r read the running variance
             # before that forward's update), for use_reentrant=True, whose backward runs on
             # this recomputation; use_reentrant=False keeps the first forward's ctx anyway.
-            used = replayed_values(self, replay_key(input))
+            used = replayed_values(self, input)
             if used is not None:
                 psi2, r, slot, warm, count = used
         elif may_be_replayed():
-            stash_for_replay(self, replay_key(input), (psi2, r, slot, warm, count))
+            stash_for_replay(self, input, (psi2, r, slot, warm, count))
         return _MABNFunction.apply(
             input,
             self.weight,

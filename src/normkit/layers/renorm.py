@@ -26,13 +26,7 @@ from normkit._checks import (
     check_positive,
 )
 from normkit._fused import batch_norm_train
-from normkit._stats import (
-    may_be_replayed,
-    recomputing,
-    replay_key,
-    replayed_values,
-    stash_for_replay,
-)
+from normkit._stats import may_be_replayed, recomputing, replayed_values, stash_for_replay
 from normkit.layers.core import DomainIndex, _BatchNormCore
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
@@ -127,7 +121,7 @@ class _BatchRenorm(_BatchNormCore):
         # forward replays the first one: r and d from the reference (running statistics and
         # limits) the first forward read, and no update of the buffers or the step counter.
         if recomputing():
-            used = replayed_values(self, replay_key(input))
+            used = replayed_values(self, input)
             self._replaying = () if used is None else used
             try:
                 return super().forward(input)
@@ -142,7 +136,7 @@ class _BatchRenorm(_BatchNormCore):
         finally:
             self._pinned = None
         if reference:
-            stash_for_replay(self, replay_key(input), reference)
+            stash_for_replay(self, input, reference)
         return out
 
     def clip_limits(self) -> tuple[Tensor, Tensor]:

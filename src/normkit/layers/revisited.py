@@ -141,13 +141,10 @@ def init_bn_scale_(model: nn.Module, value: float = 0.1) -> int:
     if not isinstance(model, nn.Module):
         raise TypeError(f"init_bn_scale_: expected an nn.Module, got {type(model).__name__}")
     check_positive("init_bn_scale_", "value", value)
-    scales = [
-        scale
-        for module in model.modules()
-        if isinstance(module, _BatchNorm) and not isinstance(module, _InputNorm)
-        for scale in [_init_scale(module)]
-        if scale is not None
-    ]
+    norms = (
+        m for m in model.modules() if isinstance(m, _BatchNorm) and not isinstance(m, _InputNorm)
+    )
+    scales = [scale for scale in map(_init_scale, norms) if scale is not None]
     # Checked before any scale changes: fill_ fails past a dtype's range (inf included).
     for weight in scales:
         if weight.is_floating_point() and not value <= torch.finfo(weight.dtype).max:

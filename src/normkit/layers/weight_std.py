@@ -391,10 +391,11 @@ class _StandardizedWeight(nn.Module):
         return super().train(mode)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Any:
-        # .to(), .double(), .cuda(), share_memory(), to_empty(): the entry would keep the old
-        # weight's storage alive (a second copy, on the old device) and describes a weight that
-        # is about to be replaced or swapped (torch.__future__.set_swap_module_params_on_
-        # conversion). Dropped first; rebuilt by the next eval call.
+        # Conversions (.to(), .double(), device moves, share_memory(), to_empty()): the entry
+        # would keep the old weight's storage alive (a second copy, on the old device) and
+        # describes a weight that is about to be replaced or swapped
+        # (torch.__future__.set_swap_module_params_on_conversion). Dropped first; rebuilt by
+        # the next eval call.
         self._ws_cache = None
         return super()._apply(fn, recurse)
 
