@@ -296,6 +296,23 @@ def test_eval_cache_tells_apart_a_new_parameter_on_the_same_storage() -> None:
         torch.testing.assert_close(m.standardized_weight(), ref_paper(m.weight))
 
 
+def test_eval_cache_serves_a_plain_tensor_weight_and_sees_its_updates(counter: CountCalls) -> None:
+    # A weight that is no registered Parameter (deleted and set as a plain tensor attribute) is
+    # looked up by name on the cache's hit path too: cached, and refreshed after an update.
+    torch.manual_seed(23)
+    m = WSConv2d(3, 4, 3, dtype=D).eval()
+    w = m.weight.detach().clone()
+    del m.weight
+    m.weight = w
+    with torch.no_grad():
+        first = m.standardized_weight()
+        assert m.standardized_weight() is first
+        assert counter.calls == 1
+        w.mul_(2.0).add_(0.5)  # bumps the version
+        torch.testing.assert_close(m.standardized_weight(), ref_paper(w), rtol=1e-13, atol=1e-13)
+    assert counter.calls == 2
+
+
 def test_training_never_uses_cache_even_after_untracked_edit() -> None:
     torch.manual_seed(11)
     m = WSConv2d(3, 4, 3, dtype=D).eval()
@@ -655,6 +672,11 @@ def test_scaled_ws_cache_watches_gain_and_gain_learns() -> None:
         torch.testing.assert_close(
             m(x) - m.bias.reshape(1, -1, 1, 1), 2 * (y - m.bias.reshape(1, -1, 1, 1))
         )
+        # A new gain Parameter (same shape, possibly the old storage's address once freed).
+        m.gain = nn.Parameter(torch.full_like(m.gain, 0.25))
+        torch.testing.assert_close(
+            m(x) - m.bias.reshape(1, -1, 1, 1), 0.25 * (y - m.bias.reshape(1, -1, 1, 1))
+        )
     m.train()
     m(x).square().sum().backward()
     assert m.gain.grad is not None and m.gain.grad.abs().max() > 0
@@ -799,6 +821,19 @@ def test_bad_arguments_are_refused_with_messages() -> None:
         weight_standardize_(nn.Conv2d(2, 2, 1), preset="x")
     with pytest.raises(ValueError, match=r"weight_standardize_: expected eps > 0"):
         weight_standardize_(nn.Conv2d(2, 2, 1), eps=0)
+
+
+def test_functional_weight_standardize_of_empty_weights() -> None:
+    # No filters: an empty result with the weight's shape and dtype (and a graph to it).
+    w = torch.empty(0, 3, 3, 3, dtype=D, requires_grad=True)
+    out = normkit.functional.weight_standardize(w)
+    assert out.shape == w.shape and out.dtype == D and out.requires_grad
+    # Filters without values have no statistics: a named error, not an IndexError.
+    for shape in [(4, 0, 3, 3), (4, 3, 0)]:
+        with pytest.raises(ValueError, match=r"weight_standardize: expected filters .* got a"):
+            normkit.functional.weight_standardize(torch.empty(shape))
+    with pytest.raises(ValueError, match=r"weight_standardize: expected a weight with an output"):
+        normkit.functional.weight_standardize(torch.tensor(1.0))
 
 
 # --- low precision ------------------------------------------------------------------------------

@@ -244,5 +244,16 @@ def weight_standardize(
         raise ValueError(
             f"weight_standardize: eps_mode must be one of 'sqrt', 'std', 'max', got {eps_mode!r}"
         )
+    if weight.dim() == 0:
+        raise ValueError(
+            "weight_standardize: expected a weight with an output dimension, got a 0-d tensor"
+        )
+    if weight.shape[0] == 0:  # no filters: nothing to standardize
+        return weight.clone()
+    if weight[0].numel() == 0:
+        raise ValueError(
+            "weight_standardize: expected filters with at least one value (a fan-in of 1 or "
+            f"more), got a weight of shape {tuple(weight.shape)}"
+        )
     out, _, _ = standardize_parts(_upcast(weight), eps, unbiased, eps_mode)
     return out.to(weight.dtype)

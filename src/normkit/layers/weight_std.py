@@ -70,7 +70,6 @@ no such copy.
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 from collections.abc import Callable, Collection
 from typing import Any, Literal, NamedTuple, TypeVar
@@ -290,9 +289,10 @@ def _check_fan_in(layer: str, weight: Tensor, unbiased: bool) -> None:
 
 
 class _CacheEntry(NamedTuple):
-    """The eval cache: ``value`` was computed from ``sources`` as ``key`` describes them.
+    """The eval cache: ``value`` was computed under ``config`` from the tensors in ``sources``,
+    ``(name, tensor, key)`` per source, ``key`` as :func:`_tensor_key` describes the tensor.
 
-    ``sources`` (strong references) gives the identity check: a new tensor object on the old
+    The tensors (strong references) give the identity check: a new tensor object on the old
     storage (same pointer, version and shape) is told apart. ``storages`` keeps each source's
     storage alive while the entry lives, so no new storage can be allocated at the recorded
     address: a ``.data =`` assignment, which keeps the version counter, always changes the
@@ -300,13 +300,20 @@ class _CacheEntry(NamedTuple):
     ``torch.utils.swap_tensors`` on the weight.
     """
 
-    key: list[object]
-    sources: tuple[Tensor, ...]
+    config: tuple[object, ...]
+    sources: tuple[tuple[str, Tensor, tuple[object, ...]], ...]
     storages: tuple[torch.UntypedStorage, ...]
     value: Tensor
 
 
+def _tensor_key(t: Tensor) -> tuple[object, ...]:
+    """What the eval cache compares: an in-place update bumps the version, a ``.data =``
+    assignment changes the pointer or the layout."""
+    return (t._version, t.data_ptr(), t.dtype, t.device, t.shape, t.stride())
+
+
 _PLAIN_TENSOR_TYPES = (Tensor, nn.Parameter)
+_functorch_active = torch._C._are_functorch_transforms_active
 _M = TypeVar("_M", bound="_StandardizedWeight")
 
 
@@ -314,7 +321,7 @@ class _StandardizedWeight(nn.Module):
     """The machinery shared by every layer here: the eval cache, bake and the load hook.
 
     A subclass defines :meth:`_compute_weight` (the live computation) and, when the result
-    depends on more than ``weight``, extends :meth:`_cache_sources` and :meth:`_cache_config`.
+    depends on more than ``weight``, extends :attr:`_cache_names` and :meth:`_cache_config`.
     """
 
     weight: Tensor
@@ -327,19 +334,13 @@ class _StandardizedWeight(nn.Module):
     def _compute_weight(self) -> Tensor:
         raise NotImplementedError
 
-    def _cache_sources(self) -> tuple[Tensor, ...]:
-        return (self.weight,)
+    #: The tensors the standardized weight is computed from: parameter names.
+    _cache_names: tuple[str, ...] = ("weight",)
 
     def _cache_config(self) -> tuple[object, ...]:
         raise NotImplementedError
 
     def _may_use_cache(self, sources: tuple[Tensor, ...]) -> bool:
-        # Checked in this order so that a compiled forward stops at a constant and never traces
-        # the identity and version-counter bookkeeping below.
-        if self.training or torch.compiler.is_compiling():
-            return False
-        if torch._C._are_functorch_transforms_active():
-            return False
         grad_mode = torch.is_grad_enabled()
         for t in sources:
             if type(t) not in _PLAIN_TENSOR_TYPES:
@@ -356,29 +357,44 @@ class _StandardizedWeight(nn.Module):
         Under the cache rule (module docstring) the returned tensor may be the cached one:
         treat it as read-only.
         """
-        sources = self._cache_sources()
+        # Training, compiling and functorch transforms first: a compiled forward stops at a
+        # constant and never traces the identity and version-counter bookkeeping below.
+        if self.training or torch.compiler.is_compiling() or _functorch_active():
+            return self._compute_weight()
+        entry = self.__dict__.get("_ws_cache")
+        if entry is not None and entry.config == self._cache_config():
+            # The hit path, inline: it runs at every eval call, and each Python call around a
+            # small convolution is a measurable part of it.
+            params = self._parameters
+            grad_mode = torch.is_grad_enabled()
+            for name, source, key in entry.sources:
+                t = params.get(name)
+                if t is None:  # not a registered parameter: a plain tensor, or a property
+                    t = getattr(self, name)
+                # Identity first: the type and inference checks of _may_use_cache held for it.
+                if t is not source or (grad_mode and t.requires_grad):
+                    break
+                if (t._version, t.data_ptr(), t.dtype, t.device, t.shape, t.stride()) != key:
+                    break
+            else:
+                return entry.value
+        return self._refresh_cache()
+
+    def _refresh_cache(self) -> Tensor:
+        """The weight computed afresh, and kept as the cache entry where the rule allows."""
+        sources = tuple(getattr(self, name) for name in self._cache_names)
         if not self._may_use_cache(sources):
             return self._compute_weight()
-        # (A loop and map(operator.is_): this runs on every eval call, and generators cost.)
-        key: list[object] = [self._cache_config()]
-        for t in sources:
-            key.append((t._version, t.data_ptr(), t.dtype, t.device, t.shape, t.stride()))
-        entry = self.__dict__.get("_ws_cache")
-        if (
-            entry is not None
-            and entry.key == key
-            and all(map(operator.is_, entry.sources, sources))
-        ):
-            return entry.value
         # Dropped first: the old entry's storages (a replaced weight) may be freed before the
         # new value is allocated, so the cache never keeps more than one old weight alive.
         self._ws_cache = None
-        storages = tuple(t.untyped_storage() for t in sources)
         # Computed outside inference mode so that the cached tensor stays usable later with grad
         # mode on (an inference tensor cannot be saved for backward, e.g. for an input gradient).
         with torch.inference_mode(False), torch.no_grad():
             value = self._compute_weight()
-        self._ws_cache = _CacheEntry(key, sources, storages, value)
+        entries = tuple((name, t, _tensor_key(t)) for name, t in zip(self._cache_names, sources))
+        storages = tuple(t.untyped_storage() for t in sources)
+        self._ws_cache = _CacheEntry(self._cache_config(), entries, storages, value)
         return value
 
     def clear_cache(self) -> None:
@@ -967,8 +983,7 @@ class ScaledWSConv2d(_StandardizedWeight, nn.Conv2d):
         w_hat = standardize(self.weight, self.eps, unbiased=False, eps_mode="sqrt")
         return w_hat * (self.gain * (self.gamma / math.sqrt(fan_in))).to(w_hat.dtype)
 
-    def _cache_sources(self) -> tuple[Tensor, ...]:
-        return (self.weight, self.gain)
+    _cache_names = ("weight", "gain")
 
     def _cache_config(self) -> tuple[object, ...]:
         return (self.eps, self.gamma)
