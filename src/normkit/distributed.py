@@ -123,8 +123,12 @@ def convert_sync(
 
     Example::
 
-        >>> model = normkit.convert_sync(model)
-        >>> model = nn.parallel.DistributedDataParallel(model)
+        >>> model = normkit.convert_sync(normkit.models.resnet20())
+        >>> type(model.bn1).__name__
+        'SyncBatchNorm'
+
+    In each process, after ``torch.distributed.init_process_group``, the converted model then
+    goes into ``nn.parallel.DistributedDataParallel(model)``.
     """
 
     if not isinstance(model, nn.Module):

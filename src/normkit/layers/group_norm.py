@@ -75,7 +75,7 @@ class GroupNorm(nn.GroupNorm):
         >>> gn = normkit.GroupNorm(64, num_groups=32)
         >>> gn(torch.randn(2, 64, 8, 8)).shape
         torch.Size([2, 64, 8, 8])
-        >>> model = torchvision.models.resnet50(norm_layer=normkit.GroupNorm)
+        >>> model = normkit.models.resnet50(norm_layer=normkit.GroupNorm)  # torchvision's too
     """
 
     def __init__(

@@ -247,7 +247,10 @@ def bn_param_groups(
 
     Example::
 
+        >>> model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU())
         >>> groups = normkit.bn_param_groups(model, lr=0.1, weight_decay=1e-4)
+        >>> [(g["name"], g["lr"], g["weight_decay"]) for g in groups]
+        [('decay', 0.1, 0.0001), ('no_decay', 0.1, 0.0), ('bn_scale', 0.001, 0.0)]
         >>> opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
     """
     if not isinstance(model, nn.Module):

@@ -1092,9 +1092,14 @@ def weight_standardize_(
 
     Example::
 
-        >>> model = torchvision.models.resnet50(norm_layer=lambda c: nn.GroupNorm(32, c))
+        >>> from normkit.models import resnet18
+        >>> model = resnet18(norm_layer=lambda c: nn.GroupNorm(32, c))
         >>> model = weight_standardize_(model)  # every conv standardized; fc stays Linear
-        >>> model = weight_standardize_(model, exclude={"conv1"})  # idempotent; stem untouched
+        >>> type(model.conv1).__name__, type(model.fc).__name__
+        ('WSConv2d', 'Linear')
+        >>> stem_kept = weight_standardize_(resnet18(), exclude={"conv1"})
+        >>> type(stem_kept.conv1).__name__, type(stem_kept.layer1[0].conv1).__name__
+        ('Conv2d', 'WSConv2d')
     """
     where = "weight_standardize_"
     config = _resolve_preset(where, preset, eps, unbiased, eps_mode)
