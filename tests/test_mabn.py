@@ -629,6 +629,24 @@ def test_bad_input_is_refused_before_any_buffer_changes(
     assert all(torch.equal(v, before[k]) for k, v in _state(layer).items())
 
 
+def test_cleared_track_running_stats_refuses_training_and_keeps_eval() -> None:
+    # The flag cleared on a built layer: no silent updates in training, a named error instead;
+    # eval still normalizes with running_var.
+    torch.manual_seed(5)
+    layer = nk.MovingAverageBatchNorm2d(C, buffer_size=2)
+    x = torch.randn(4, C, 3, 3)
+    layer(x)
+    layer.track_running_stats = False
+    before = _state(layer)
+    with pytest.raises(ValueError, match=r"MovingAverageBatchNorm2d: expected track_running_stats"):
+        layer(x)
+    assert all(torch.equal(v, before[k]) for k, v in _state(layer).items())
+    layer.eval()
+    scale = torch.rsqrt(layer.running_var + layer.eps) * layer.weight
+    want = x * scale.reshape(1, C, 1, 1) + layer.bias.reshape(1, C, 1, 1)
+    torch.testing.assert_close(layer(x), want.detach())
+
+
 # --- CenConv2d ----------------------------------------------------------------------------------
 
 

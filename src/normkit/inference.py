@@ -19,9 +19,9 @@ Three steps, each equal in eval mode to what it replaces:
 Pairs are found by tracing the model with ``torch.fx`` (norm and conv layers as leaves). A pair is
 folded only where nothing else can see the change: the conv's output feeds the norm alone, no code
 reads either module's attributes (a weight reused in ``F.conv2d``), neither module is reachable
-under two names or called twice, and neither has forward hooks (``nn.utils.weight_norm`` is one).
-A model that does not trace gets no folding unless ``sequential_fallback=True`` asks for pairs
-that sit next to each other in an ``nn.Sequential``.
+under two names or called twice, and neither has hooks, forward or backward
+(``nn.utils.weight_norm`` is one). A model that does not trace gets no folding unless
+``sequential_fallback=True`` asks for pairs that sit next to each other in an ``nn.Sequential``.
 """
 
 from __future__ import annotations

@@ -506,6 +506,15 @@ class MovingAverageBatchNorm2d(Synchronized, _BatchNorm):
             self._verify_peers(fields, input.device)
         if not self.training or (input.numel() == 0 and not syncing):
             return self._eval_forward(input)
+        if not self.track_running_stats:
+            # Cleared after construction (the usual way to freeze a batch norm's statistics):
+            # MABN's training normalization is its moving averages, so there is no batch-only
+            # mode to fall back on. Refused, as the constructor refuses the flag.
+            raise ValueError(
+                f"{name}: expected track_running_stats=True in training (MABN normalizes with its "
+                "moving averages, which training updates), got False; use eval() or "
+                "normkit.freeze_norm to freeze the layer"
+            )
         if _forward_ad_in(input, self.weight, self.bias):
             # A named refusal instead of autograd's generic "implement the jvp function" (a jvp
             # method that only raised would stop dynamo from tracing the function at all).
