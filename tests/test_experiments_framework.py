@@ -295,6 +295,20 @@ def test_jobs_do_not_change_the_results(tmp_path: Path) -> None:
     assert _deterministic_part(two) == _deterministic_part(one)
 
 
+def test_results_record_the_cpu_that_rounded_them(tmp_path: Path) -> None:
+    # Bit-for-bit determinism holds on one CPU only: the results name the CPU and the vector
+    # instructions torch used, and the report shows them.
+    results = _run(FakeStudy(), tmp_path, seeds=1)
+    machine = results["machine"]
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert isinstance(machine["cpu_model"], str) and machine["cpu_model"]
+    line = next(ln for ln in report.render_markdown(results).splitlines() if "Machine:" in ln)
+    assert f"{machine['cpu_model']}, {machine['cpu_capability']}, " in line
+    # Results saved before these fields existed still render.
+    before = {k: v for k, v in machine.items() if k not in ("cpu_model", "cpu_capability")}
+    assert "Machine: " in report.render_markdown({**results, "machine": before})
+
+
 def test_config_errors_are_runner_errors(tmp_path: Path) -> None:
     with pytest.raises(runner.RunnerError, match="fake has no option --depths"):
         _run(FakeStudy(), tmp_path, overrides={"depths": [1]})

@@ -224,6 +224,12 @@ def render_terminal(results: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _cpu_text(machine: Mapping[str, Any]) -> str:
+    """``"<model>, <capability>, "`` where recorded (results from before they were)."""
+    parts = [str(machine[k]) for k in ("cpu_model", "cpu_capability") if machine.get(k)]
+    return "".join(f"{part}, " for part in parts)
+
+
 def render_markdown(results: Mapping[str, Any]) -> str:
     """``report.md`` of one study."""
     cfg = results["config"]
@@ -237,7 +243,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         f"Seeds: {len(results['seeds'])} (paired across methods: {results['seeds']}). "
         f"Device: {cfg.get('device', 'cpu')}. Versions: {versions}.",
         "",
-        f"Machine: {machine.get('platform', '?')}, {machine.get('cpu_count', '?')} CPU(s), "
+        f"Machine: {machine.get('platform', '?')}, {_cpu_text(machine)}"
+        f"{machine.get('cpu_count', '?')} CPU(s), "
         f"{machine.get('jobs', 1)} job(s) of {machine.get('threads_per_run', '?')} thread(s). "
         f"Compute time of the runs: {format_number(elapsed.get('compute'), 1)} s; "
         f"wall time of this invocation: {format_number(elapsed.get('wall'), 1)} s "

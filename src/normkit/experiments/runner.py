@@ -556,10 +556,35 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def _cpu_model() -> str:
+    """The CPU's model as /proc/cpuinfo names it (with its x86 family and model numbers, which
+    tell generations apart where the name does not), or platform's answer elsewhere."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if not key:  # the end of the first processor's block
+                    break
+                fields.setdefault(key, value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
+
+
 def _machine(config: Mapping[str, Any], jobs: int, threads: int) -> dict[str, Any]:
+    # The CPU and the vector instructions torch's kernels use: runs are bit-for-bit
+    # deterministic on one machine, but another CPU rounds differently, and training amplifies
+    # that (docs/reproduction.md).
     machine: dict[str, Any] = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": _cpu_count(),
         "jobs": jobs,
         "threads_per_run": threads,
