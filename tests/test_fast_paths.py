@@ -485,3 +485,36 @@ def test_ws_fast_path_in_every_eager_call(monkeypatch: pytest.MonkeyPatch) -> No
     with torch.no_grad():
         cached = layer.eval().standardized_weight()
     assert torch.equal(cached, train_weight)
+
+
+@pytest.mark.parametrize(
+    ("split", "domain"),
+    [(False, "per_sample"), (True, "per_sample"), (False, "int")],
+)
+def test_create_graph_gradient_uses_the_layers_eps(split: bool, domain: str, route: str) -> None:
+    """Under ``create_graph=True`` the fast paths' backward differentiates the reference
+    formula; it must use the layer's eps, not the default, so that the first-order gradient is
+    the plain backward's and the reference path's. (A generic test compares the two backward
+    routes at the default eps, where a hard-coded 1e-5 is invisible; eps 0.5 here.)"""
+    layer = nk.SandwichBatchNorm2d(4, 3, eps=0.5, split_stats=split, dtype=F64)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=g, dtype=F64))
+    x = torch.randn(6, 4, 3, 3, generator=g, dtype=F64) * 0.7 + 0.3
+    up = torch.randn(x.shape, generator=g, dtype=F64)
+    index: int | Tensor = torch.tensor([0, 1, 2, 0, 1, 2]) if domain == "per_sample" else 1
+    state = copy.deepcopy(layer.state_dict())
+
+    def grads(fast: bool, create_graph: bool) -> tuple[Tensor, ...]:
+        layer.load_state_dict(state)
+        layer.fast = fast
+        xs = x.clone().requires_grad_()
+        out = layer(xs, index)
+        inputs = [xs, *layer.parameters()]
+        return torch.autograd.grad(out, inputs, up, create_graph=create_graph)
+
+    want = grads(fast=False, create_graph=False)
+    for create_graph in (False, True):
+        for got, ref in zip(grads(fast=True, create_graph=create_graph), want, strict=True):
+            torch.testing.assert_close(got.detach(), ref, **TOL)

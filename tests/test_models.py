@@ -168,6 +168,18 @@ def test_reset_parameters_restores_the_fixup_init_after_training_noise() -> None
     assert all(bool((blk.conv3.weight == 0).all()) for blk in model.blocks())
 
 
+def test_reset_parameters_reinitializes_the_stem_too() -> None:
+    # The outputs above are zero whatever the stem holds (the classifier is zero): check the
+    # stem's weight itself, back within PyTorch's default bound 1 / sqrt(fan_in).
+    torch.manual_seed(0)
+    model = cifar_resnet(8, fixup=True)
+    with torch.no_grad():
+        model.conv1.weight.add_(10.0)
+    model.reset_parameters()
+    fan_in = model.conv1.weight[0].numel()
+    assert model.conv1.weight.abs().max() <= 1.0 / math.sqrt(fan_in) + 1e-7
+
+
 # --- the Fixup scalar placement ------------------------------------------------------------------
 
 
@@ -424,6 +436,20 @@ def _official_branch(block: nn.Module, a: Tensor) -> Tensor:
             return block.get_submodule(f"bias{i}b")(block.scale(h))
         h = F.relu(block.get_submodule(f"bias{i}b")(h))
     raise AssertionError("unreachable")
+
+
+def test_fixup_fold_scales_a_convolutions_own_bias() -> None:
+    """A biased ``nn.Conv2d`` put into a block (the blocks build bias-free ones) is folded as
+    ``bias2b(scale(conv2(h)))`` too: its bias multiplied by the scale."""
+    block = FixupBasicBlock(6, 6).double()
+    block.conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=True).double()
+    randomize_(block)
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    a = x + block.bias1a.bias
+    h = F.relu(F.conv2d(a, block.conv1.weight, padding=1) + block.bias1b.bias)
+    conv2 = F.conv2d(h + block.bias2a.bias, block.conv2.weight, block.conv2.bias, padding=1)
+    want = block.scale.weight * conv2 + block.bias2b.bias
+    torch.testing.assert_close(block.branch(x), want, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("kind", ["basic", "bottleneck"])

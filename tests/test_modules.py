@@ -274,6 +274,29 @@ def test_gradgradcheck(rec: LayerRecord, kind: str | None, training: bool) -> No
 
 @pytest.mark.parametrize(
     ("rec", "kind", "training"),
+    [c for c in _grad_cases("train_gradcheck") if c.values[0].double_backward or not c.values[2]],
+)
+def test_first_order_gradient_is_the_same_with_create_graph(
+    rec: LayerRecord, kind: str | None, training: bool
+) -> None:
+    # A custom backward takes another route under create_graph=True (it differentiates a
+    # formula autograd can differentiate again). gradgradcheck only checks that the double
+    # backward matches that route, not that the route gives the right first-order gradient:
+    # here it must equal the plain backward's (a gradient penalty or MAML step uses it).
+    fn, inputs = _checked_function(rec, kind, training)
+    out = fn(*inputs)
+    cotangent = _cotangent(out)
+    plain = torch.autograd.grad(out, inputs, cotangent)
+    out = fn(*inputs)
+    graphed = torch.autograd.grad(out, inputs, cotangent, create_graph=True)
+    for i, (a, b) in enumerate(zip(plain, graphed, strict=True)):
+        torch.testing.assert_close(
+            b.detach(), a, rtol=1e-10, atol=1e-10, msg=lambda m, i=i: f"input {i}: {m}"
+        )
+
+
+@pytest.mark.parametrize(
+    ("rec", "kind", "training"),
     [c for c in _grad_cases("train_gradcheck") if not c.values[0].double_backward and c.values[2]],
 )
 def test_layers_without_double_backward_refuse_it(

@@ -320,3 +320,10 @@ def test_input_norm_gradcheck(training: bool) -> None:
         return torch.func.functional_call(layer, {"weight": w}, (inp,), strict=False)
 
     assert torch.autograd.gradcheck(fn, (x, weight))
+
+
+def test_init_bn_scale_default_is_the_papers_0_1() -> None:
+    # Every other test passes the value; the recipe's c_gamma = 0.1 is the default.
+    bn = nn.BatchNorm2d(4)
+    assert nk.init_bn_scale_(bn) == 1
+    assert torch.equal(bn.weight.detach(), torch.full((4,), 0.1))

@@ -286,6 +286,21 @@ def test_eval_cache_invalidated_by_new_parameter_and_eps_change() -> None:
         torch.testing.assert_close(m.standardized_weight(), ref_paper(m.weight, 0.5))
 
 
+@pytest.mark.parametrize(("attr", "value"), [("unbiased", True), ("eps_mode", "std")])
+def test_eval_cache_invalidated_by_unbiased_and_eps_mode(attr: str, value: object) -> None:
+    # The module docstring promises eps, unbiased and eps_mode are watched (eps: test above).
+    torch.manual_seed(24)
+    m = WSConv2d(3, 4, 2, dtype=D).eval()  # fan-in 12: n against n - 1 is visible
+    with torch.no_grad():
+        m.standardized_weight()
+        setattr(m, attr, value)
+        got = m.standardized_weight()
+    want = normkit.functional.weight_standardize(
+        m.weight.detach(), m.eps, unbiased=m.unbiased, eps_mode=m.eps_mode
+    )
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+
+
 def test_eval_cache_tells_apart_a_new_parameter_on_the_same_storage() -> None:
     torch.manual_seed(22)
     m = WSConv2d(4, 4, 1, dtype=D).eval()
@@ -672,6 +687,12 @@ def test_scaled_ws_cache_watches_gain_and_gain_learns() -> None:
         torch.testing.assert_close(
             m(x) - m.bias.reshape(1, -1, 1, 1), 2 * (y - m.bias.reshape(1, -1, 1, 1))
         )
+        # gamma is part of the cached weight too.
+        m.gamma = 1.7
+        torch.testing.assert_close(
+            m(x) - m.bias.reshape(1, -1, 1, 1), 3.4 * (y - m.bias.reshape(1, -1, 1, 1))
+        )
+        m.gamma = 1.0
         # A new gain Parameter (same shape, possibly the old storage's address once freed).
         m.gain = nn.Parameter(torch.full_like(m.gain, 0.25))
         torch.testing.assert_close(
