@@ -225,9 +225,11 @@ def _after_estimate_step(layer: nn.Module, args: Sequence[Any]) -> nn.Module:
 
 
 def _checked_function(
-    rec: LayerRecord, kind: str | None, training: bool
+    rec: LayerRecord, kind: str | None, training: bool, eps: float | None = None
 ) -> tuple[Callable[..., Tensor], tuple]:
     layer = _build(rec, torch.float64, training)
+    if eps is not None and isinstance(getattr(layer, "eps", None), float):
+        layer.eps = eps  # a non-default eps: a path that ignores the layer's shows
     args = _cast(rec.args(kind), torch.float64)
     if training and rec.name in ESTIMATES:
         # The training gradient of these layers is the eval gradient at the updated estimates
@@ -282,8 +284,9 @@ def test_first_order_gradient_is_the_same_with_create_graph(
     # A custom backward takes another route under create_graph=True (it differentiates a
     # formula autograd can differentiate again). gradgradcheck only checks that the double
     # backward matches that route, not that the route gives the right first-order gradient:
-    # here it must equal the plain backward's (a gradient penalty or MAML step uses it).
-    fn, inputs = _checked_function(rec, kind, training)
+    # here it must equal the plain backward's (a gradient penalty or MAML step uses it), at a
+    # non-default eps so that a route with the default written in is caught too.
+    fn, inputs = _checked_function(rec, kind, training, eps=0.25)
     out = fn(*inputs)
     cotangent = _cotangent(out)
     plain = torch.autograd.grad(out, inputs, cotangent)
