@@ -243,7 +243,7 @@ class _BatchChannelNorm(Synchronized, _BatchNorm):
             # estimates to use, which a rate of 0 leaves as they are, and a scratch counter.
             rm, rv = (t.to(x.dtype, copy=True) for t in fixed)
             counts, rate = torch.zeros((), dtype=torch.long, device=x.device), 0.0
-        elif not self.track_running_stats:  # buffers kept but not tracked: none for the kernel
+        elif not self._tracking():  # buffers kept but not tracked: none for the kernel
             rm = rv = counts = None
         y: Tensor = kernels.op("bcn_forward")(
             x,

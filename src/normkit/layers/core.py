@@ -291,7 +291,7 @@ class _BatchNormCore(Synchronized, _BatchNorm):
             rm, rv, counts = b["running_mean"], b["running_var"], b["num_batches_tracked"]
         except KeyError:
             return None
-        if not self.track_running_stats:  # buffers kept but not tracked: none for the kernel
+        if not self._tracking():  # buffers kept but not tracked: none for the kernel
             rm = rv = counts = None
         if not (
             kernels.in_dtype_already(x.dtype, w, bias, dw, db, rm, rv)

@@ -175,7 +175,7 @@ class _BatchRenorm(_BatchNormCore):
     def _reference(self) -> tuple[Tensor, ...]:
         """``(running mean, running std, r limit, d limit)`` as the buffers are now; ``()``
         without running statistics or with their tracking turned off."""
-        if not self.track_running_stats or self.running_mean is None or self.running_var is None:
+        if not self._tracking() or self.running_mean is None or self.running_var is None:
             return ()
         ref_std = torch.sqrt(self.running_var + self.eps)
         return (self.running_mean.clone(), ref_std, *self.clip_limits())

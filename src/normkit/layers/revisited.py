@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -182,19 +182,20 @@ def _is_no_decay_module(module: nn.Module) -> bool:
     return isinstance(module, (*_OTHER_NORMS, SandwichAdaIN, Bias, Scale))
 
 
+_T = TypeVar("_T", bound=Tensor)
+
+
 def _init_scale(module: _BatchNorm) -> Tensor | None:
-    """The scale :func:`init_bn_scale_` sets: the shared ``weight``, else ``domain_weight``."""
-    for attr in ("weight", "domain_weight"):
-        p = getattr(module, attr, None)
-        if isinstance(p, Tensor):
-            return p
-    return None
+    """The scale :func:`init_bn_scale_` sets: the shared ``weight``, else ``domain_weight``
+    (a plain tensor too: a frozen layer's scale is a buffer)."""
+    return next(_bn_scales(module, Tensor), None)
 
 
-def _bn_scales(module: _BatchNorm) -> Iterator[nn.Parameter]:
+def _bn_scales(module: _BatchNorm, kind: type[_T]) -> Iterator[_T]:
+    """The batch norm's scales of type ``kind``: its shared ``weight``, then ``domain_weight``."""
     for attr in ("weight", "domain_weight"):
         p = getattr(module, attr, None)
-        if isinstance(p, nn.Parameter):
+        if isinstance(p, kind):
             yield p
 
 
@@ -273,7 +274,7 @@ def bn_param_groups(
         if not own:
             continue
         if isinstance(module, _BatchNorm):
-            for p in _bn_scales(module):
+            for p in _bn_scales(module, nn.Parameter):
                 put(scales, p)
             for p in own:
                 put(no_decay, p)

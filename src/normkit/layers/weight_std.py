@@ -374,6 +374,7 @@ class _StandardizedWeight(nn.Module):
                 # Identity first: the type and inference checks of _may_use_cache held for it.
                 if t is not source or (grad_mode and t.requires_grad):
                     break
+                # (_tensor_key, written out: a call less per source.)
                 if (t._version, t.data_ptr(), t.dtype, t.device, t.shape, t.stride()) != key:
                     break
             else:
